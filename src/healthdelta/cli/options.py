@@ -1,0 +1,68 @@
+"""The click group and the options shared by many commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from healthdelta import __version__
+from healthdelta.cli.progress import ProgressDisplay
+from healthdelta.layout import OutLayout
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value):
+    # Global flags may be given before or after the subcommand; the last one wins.
+    if value is not None and value is not False:
+        ctx.find_root().meta[param.name] = value
+    return value
+
+
+def global_options(f):
+    """`--progress`, `--quiet`, `--debug`: accepted on the group and on every command."""
+    f = click.option("--progress", type=click.Choice(["auto", "always", "never"]), default=None,
+                     expose_value=False, callback=_remember, is_eager=True,
+                     help="Progress display on stderr (default auto: bar on a terminal).")(f)
+    f = click.option("--quiet", is_flag=True, default=False, expose_value=False, callback=_remember,
+                     is_eager=True, help="No progress and no notices on stderr.")(f)
+    f = click.option("--debug", is_flag=True, default=False, expose_value=False, callback=_remember,
+                     is_eager=True, help="Show a traceback on internal errors.")(f)
+    return f
+
+
+def make_progress(ctx: click.Context) -> ProgressDisplay:
+    meta = ctx.find_root().meta
+    mode = "never" if meta.get("quiet") else meta.get("progress", "auto")
+    return ProgressDisplay(mode)
+
+
+def notice(ctx: click.Context, message: str) -> None:
+    """An informational line on stderr, silenced by --quiet."""
+    if not ctx.find_root().meta.get("quiet"):
+        click.echo(message, err=True)
+
+
+def out_options(f):
+    """`--out` and `--state` as CONTRACT §1 defines them."""
+    f = click.option("--state", "state", type=click.Path(path_type=Path), default=None,
+                     help="State directory (default <out>/state).")(f)
+    f = click.option("--out", "out", type=click.Path(path_type=Path), default=Path("data"),
+                     show_default=True, help="Base output directory.")(f)
+    return f
+
+
+def layout_from(out: Path, state: Path | None) -> OutLayout:
+    return OutLayout.create(out, state)
+
+
+def lock_timeout_option(f):
+    return click.option("--wait", "lock_timeout", type=click.FloatRange(min=0), default=0.0,
+                        show_default=True,
+                        help="Seconds to wait for another command holding the state lock.")(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="healthdelta")
+@global_options
+def cli() -> None:
+    """HealthDelta: Apple Health exports as a private, versioned, queryable record."""

@@ -1,0 +1,47 @@
+"""Content-based record keys (CONTRACT §5). Pure: no I/O.
+
+Recipe (documented in docs/record_keys.md): the key of a source record is
+sha256 over the canonical JSON encoding (sorted keys, compact, UTF-8) of
+`[source, kind, content]`, where `content` is the record exactly as the source
+holds it (all attributes and children), minus volatile parts such as the
+`0x...` object pointer inside Apple's `device` strings. Where it was read from
+(zip or folder, which export, which line) is never part of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+import orjson
+
+# Apple writes e.g. `<<HKDevice: 0x283a1c7d0>, name:Apple Watch, ...>`; the pointer
+# differs between exports of the very same sample.
+_DEVICE_POINTER = re.compile(r"0x[0-9a-fA-F]+")
+
+
+def strip_device_pointer(device: str) -> str:
+    """Remove the volatile `0x...` object address from an Apple `device` string."""
+    return _DEVICE_POINTER.sub("0x", device)
+
+
+def canonical_bytes(value: Any) -> bytes:
+    """Canonical JSON: sorted keys, compact, UTF-8."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def record_key(source: str, kind: str, content: Any) -> str:
+    """64-hex content key of one source record."""
+    return hashlib.sha256(canonical_bytes([source, kind, content])).hexdigest()
+
+
+def occurrence_key(key: str, occurrence: int) -> str:
+    """Key of the n-th (n >= 1) exact repeat of a record within one export.
+
+    Apple exports do contain byte-identical duplicate samples; each copy is a
+    record of its own, so the copies get distinct, still deterministic keys.
+    """
+    if occurrence == 0:
+        return key
+    return hashlib.sha256(f"{key}#{occurrence}".encode()).hexdigest()

@@ -1,0 +1,211 @@
+"""Orchestration of `pipeline run`: fingerprint → no-op check → stage → identity →
+de-id → rename into place → run report → register → LAST_RUN.
+
+A run is registered only after all its stages succeeded (CONTRACT §4). Every
+stage writes into a temporary directory that is renamed into place on success;
+the registry and LAST_RUN move last. A crash at any point therefore leaves the
+registry, LAST_RUN and earlier runs untouched; the next invocation removes the
+leftovers (it holds the state lock, so nobody else owns them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from healthdelta import ingest, registry
+from healthdelta.errors import InputError, UsageError
+from healthdelta.fingerprint import Fingerprint, run_id as compute_run_id
+from healthdelta.fsutil import StateLock, WorkDir, atomic_write_json, remove_orphan_tmp_dirs
+from healthdelta.inputs import ExportInput, detect_input
+from healthdelta.layout import OutLayout
+from healthdelta.progress import ProgressFn, no_progress
+
+Mode = Literal["local", "share"]
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    input: Path
+    layout: OutLayout
+    mode: Mode = "local"
+    since: str = "last"
+    expected_run_id: str | None = None
+    skip_deid: bool = False
+    note: str | None = None
+    lock_timeout: float = 0.0
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    status: Literal["created", "no_changes", "already_registered"]
+    run_id: str
+    staging_dir: str | None = None
+    run_report: str | None = None
+    deid_dir: str | None = None
+    cleaned: tuple[str, ...] = field(default_factory=tuple)
+
+
+def run_pipeline(opts: PipelineOptions, progress: ProgressFn = no_progress) -> PipelineResult:
+    """Run the pipeline for one export under the state lock."""
+    if opts.mode == "share" and not opts.skip_deid:
+        # De-identification is its own stage (CONTRACT §9); without it nothing may
+        # be labelled share-safe.
+        raise UsageError("share mode needs the de-identification stage, which this version does not "
+                         "include yet; use --mode local, or --skip-deid to stage without it")
+    if opts.expected_run_id is not None and not registry.is_run_id(opts.expected_run_id):
+        raise UsageError("--run-id must be 64 lowercase hex characters")
+    with StateLock(opts.layout.state, opts.lock_timeout):
+        return _run_locked(opts, progress)
+
+
+def clean_orphans(layout: OutLayout) -> tuple[str, ...]:
+    """Remove temporary dirs left by interrupted commands (caller holds the lock)."""
+    removed: list[str] = []
+    for parent in (layout.staging, layout.ndjson, layout.deid, layout.reports, layout.state):
+        removed += [f"{parent.name}/{name}" for name in remove_orphan_tmp_dirs(parent)]
+    return tuple(removed)
+
+
+def _run_locked(opts: PipelineOptions, progress: ProgressFn) -> PipelineResult:
+    layout = opts.layout
+    cleaned = clean_orphans(layout)
+    inp = detect_input(opts.input)
+    reg = registry.read_registry(layout.state)
+    parent = registry.resolve_parent(reg, layout.state, opts.since)
+    parent_id = parent["run_id"] if parent else None
+
+    fingerprint = _prepass_fingerprint(inp, parent, opts.expected_run_id is not None, progress)
+    if fingerprint is not None:
+        if registry.is_unchanged(parent, fingerprint):
+            if registry.read_last_run(layout.state) is None:
+                registry.write_last_run(layout.state, parent_id)
+            return PipelineResult(status="no_changes", run_id=parent_id, cleaned=cleaned)
+        run_id = compute_run_id(parent_id, fingerprint.sha256)
+        _check_expected(opts, run_id)
+        if reg.get(run_id) is not None:
+            return _already_registered(layout, run_id, cleaned)
+
+    ingest.check_free_space(inp, layout.staging)
+    with WorkDir(layout.staging, "ingest") as work:
+        staged = ingest.stage_export(inp, work.path, expected=fingerprint, progress=progress)
+        if fingerprint is None and registry.is_unchanged(parent, staged.fingerprint):
+            return PipelineResult(status="no_changes", run_id=parent_id, cleaned=cleaned)
+        run_id = compute_run_id(parent_id, staged.fingerprint.sha256)
+        _check_expected(opts, run_id)
+        if reg.get(run_id) is not None:
+            return _already_registered(layout, run_id, cleaned)
+        ingest.write_manifest(work.path, staged, inp, run_id=run_id, parent_run_id=parent_id)
+        stages = {
+            "ingest": {
+                "status": "ok",
+                "files": len(staged.files),
+                "bytes": staged.total_bytes,
+                "ignored_files": staged.ignored_files,
+            },
+            # Call points for the identity and de-identification stages (CONTRACT §8, §9).
+            "identity": {"status": "not_available"},
+            "deid": {"status": "skipped" if opts.skip_deid else "not_requested"},
+        }
+        staging_dir = work.commit(layout.staging_dir(run_id))
+
+    report_path = staging_dir / "run_report.json"
+    atomic_write_json(report_path, {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "run_id": run_id,
+        "parent_run_id": parent_id,
+        "mode": opts.mode,
+        "input": {"form": inp.form, "path_redacted": True, **staged.fingerprint.as_dict()},
+        "stages": stages,
+        "finished_at": registry.utc_now(),
+    })
+    artifacts = {"staging_dir": layout.rel(staging_dir), "run_report": layout.rel(report_path)}
+    registry.register_run(
+        layout.state,
+        run_id=run_id,
+        parent_run_id=parent_id,
+        fingerprint=staged.fingerprint.as_dict(),
+        artifacts=artifacts,
+        note=opts.note,
+        mode=opts.mode,
+    )
+    return PipelineResult(
+        status="created",
+        run_id=run_id,
+        staging_dir=artifacts["staging_dir"],
+        run_report=artifacts["run_report"],
+        cleaned=cleaned,
+    )
+
+
+def _prepass_fingerprint(
+    inp: ExportInput, parent: dict | None, need_run_id: bool, progress: ProgressFn
+) -> Fingerprint | None:
+    """Hash the input before copying only when that can save work or is required.
+
+    An unchanged export must have the parent's file count and byte total, so when
+    those differ the export is new for sure and one copy-while-hashing pass is
+    enough; a zip is always hashed first (its fingerprint is the archive's hash).
+    """
+    if inp.is_zip or need_run_id:
+        return ingest.compute_fingerprint(inp, progress)
+    if parent is None:
+        return None
+    fp = parent.get("input_fingerprint", {})
+    if (fp.get("file_count"), fp.get("total_bytes")) != inp.stat_summary:
+        return None
+    return ingest.compute_fingerprint(inp, progress)
+
+
+def _check_expected(opts: PipelineOptions, run_id: str) -> None:
+    if opts.expected_run_id is not None and opts.expected_run_id != run_id:
+        raise InputError("--run-id does not match the run id this export and parent produce")
+
+
+def _already_registered(layout: OutLayout, run_id: str, cleaned: tuple[str, ...]) -> PipelineResult:
+    staging_dir = layout.staging_dir(run_id)
+    return PipelineResult(
+        status="already_registered",
+        run_id=run_id,
+        staging_dir=layout.rel(staging_dir),
+        run_report=layout.rel(staging_dir / "run_report.json"),
+        cleaned=cleaned,
+    )
+
+
+def register_existing(run_dir: Path, state: Path | None, note: str | None, lock_timeout: float = 0.0) -> dict:
+    """`run register`: register a staged run dir `<out>/staging/<run_id>` and move LAST_RUN."""
+    run_dir = run_dir.absolute()
+    manifest = ingest.read_manifest(run_dir)
+    run_id = manifest["run_id"]
+    if run_dir.name != run_id or run_dir.parent.name != "staging":
+        raise InputError("the run directory must be <out>/staging/<run_id> as written by ingest or pipeline run")
+    layout = OutLayout.create(run_dir.parent.parent, state)
+    artifacts = {"staging_dir": layout.rel(run_dir)}
+    if (run_dir / "run_report.json").is_file():
+        artifacts["run_report"] = layout.rel(run_dir / "run_report.json")
+    with StateLock(layout.state, lock_timeout):
+        return registry.register_run(
+            layout.state,
+            run_id=run_id,
+            parent_run_id=manifest.get("parent_run_id"),
+            fingerprint=manifest["input_fingerprint"],
+            artifacts=artifacts,
+            note=note,
+        )
+
+
+def ingest_only(input_path: Path, staging_parent: Path, progress: ProgressFn = no_progress) -> tuple[str, Path]:
+    """`healthdelta ingest`: stage an export as a parentless run, without the registry."""
+    inp = detect_input(input_path)
+    ingest.check_free_space(inp, staging_parent)
+    with WorkDir(staging_parent, "ingest") as work:
+        staged = ingest.stage_export(inp, work.path, progress=progress)
+        run_id = compute_run_id(None, staged.fingerprint.sha256)
+        ingest.write_manifest(work.path, staged, inp, run_id=run_id, parent_run_id=None)
+        final = staging_parent / run_id
+        if final.exists() and (final / "manifest.json").is_file():
+            return run_id, final  # content-addressed: the identical run is already staged
+        return run_id, work.commit(final)
