@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from healthdelta import __version__
+from healthdelta.cli.faults import with_fault
 from healthdelta.cli.progress import ProgressDisplay
 from healthdelta.layout import OutLayout
 
@@ -30,10 +31,21 @@ def global_options(f):
     return f
 
 
-def make_progress(ctx: click.Context) -> ProgressDisplay:
+class CommandProgress(ProgressDisplay):
+    """The display plus the test-only fault hook, as the one callback stages get."""
+
+    def __init__(self, mode) -> None:
+        super().__init__(mode)
+        self.callback = with_fault(super().__call__)
+
+    def __call__(self, stage: str, advance: int, total: int | None) -> None:
+        self.callback(stage, advance, total)
+
+
+def make_progress(ctx: click.Context) -> CommandProgress:
     meta = ctx.find_root().meta
     mode = "never" if meta.get("quiet") else meta.get("progress", "auto")
-    return ProgressDisplay(mode)
+    return CommandProgress(mode)
 
 
 def notice(ctx: click.Context, message: str) -> None:
