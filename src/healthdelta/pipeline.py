@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from healthdelta import ingest, registry
+from healthdelta import export, ingest, registry
 from healthdelta.errors import InputError, UsageError
 from healthdelta.fingerprint import Fingerprint, run_id as compute_run_id
 from healthdelta.fsutil import StateLock, WorkDir, atomic_write_json, remove_orphan_tmp_dirs
@@ -45,6 +45,7 @@ class PipelineResult:
     staging_dir: str | None = None
     run_report: str | None = None
     deid_dir: str | None = None
+    ndjson_dir: str | None = None
     cleaned: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -111,6 +112,18 @@ def _run_locked(opts: PipelineOptions, progress: ProgressFn) -> PipelineResult:
         }
         staging_dir = work.commit(layout.staging_dir(run_id))
 
+    exported = export.export_run(
+        staging_dir, layout.ndjson, run_id=run_id, parent_run_id=parent_id,
+        person_id=provisional_person_id(run_id), progress=progress,
+    )
+    stages["ndjson"] = {
+        "status": "ok",
+        "delta_parent_run_id": exported.parent_run_id,
+        "counts": exported.counts,
+        "added": sum(d["added"] for d in exported.delta.values()),
+        "removed": sum(d["removed"] for d in exported.delta.values()),
+        "parse": exported.report,
+    }
     report_path = staging_dir / "run_report.json"
     atomic_write_json(report_path, {
         "schema_version": REPORT_SCHEMA_VERSION,
@@ -121,7 +134,11 @@ def _run_locked(opts: PipelineOptions, progress: ProgressFn) -> PipelineResult:
         "stages": stages,
         "finished_at": registry.utc_now(),
     })
-    artifacts = {"staging_dir": layout.rel(staging_dir), "run_report": layout.rel(report_path)}
+    artifacts = {
+        "staging_dir": layout.rel(staging_dir),
+        "run_report": layout.rel(report_path),
+        "ndjson_dir": layout.rel(layout.ndjson / run_id),
+    }
     registry.register_run(
         layout.state,
         run_id=run_id,
@@ -136,8 +153,15 @@ def _run_locked(opts: PipelineOptions, progress: ProgressFn) -> PipelineResult:
         run_id=run_id,
         staging_dir=artifacts["staging_dir"],
         run_report=artifacts["run_report"],
+        ndjson_dir=artifacts["ndjson_dir"],
         cleaned=cleaned,
     )
+
+
+def provisional_person_id(run_id: str) -> str:
+    """Owner id used until the identity stage resolves the export's person (CONTRACT §8):
+    per run, so nothing is ever merged by a guess."""
+    return f"provisional-{run_id[:16]}"
 
 
 def _prepass_fingerprint(
@@ -195,6 +219,17 @@ def register_existing(run_dir: Path, state: Path | None, note: str | None, lock_
             artifacts=artifacts,
             note=note,
         )
+
+
+def export_ndjson(run_dir: Path, out: Path, progress: ProgressFn = no_progress) -> export.ExportResult:
+    """`export ndjson`: NDJSON of one staged run into `out/<run_id>/`, delta against
+    `out/<parent_run_id>/` when that exists."""
+    manifest = ingest.read_manifest(run_dir)
+    if not (run_dir / "layout.json").is_file():
+        raise InputError("the run directory has no layout.json (not a staged run)")
+    run_id = manifest["run_id"]
+    return export.export_run(run_dir, out, run_id=run_id, parent_run_id=manifest.get("parent_run_id"),
+                             person_id=provisional_person_id(run_id), progress=progress)
 
 
 def ingest_only(input_path: Path, staging_parent: Path, progress: ProgressFn = no_progress) -> tuple[str, Path]:

@@ -55,6 +55,8 @@ def pipeline_run(ctx, input_path, out, state, mode, since, expected_run_id, skip
     click.echo(f"run_id={result.run_id}")
     click.echo(f"staging_dir={result.staging_dir}")
     click.echo(f"run_report={result.run_report}")
+    if result.ndjson_dir:
+        click.echo(f"ndjson_dir={result.ndjson_dir}")
     if result.deid_dir:
         click.echo(f"deid_dir={result.deid_dir}")
 
@@ -166,3 +168,28 @@ def ingest_cmd(ctx, input_path, out):
         progress.close()
     click.echo(f"run_id={run_id}")
     click.echo(f"staging_dir={(out / staged.name).as_posix()}")
+
+
+@cli.command("demo")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True,
+              help="Directory for the generated exports and the demo's data.")
+@global_options
+@click.pass_context
+def demo_cmd(ctx, out):
+    """Generate a synthetic export and its next export, and run the pipeline on both.
+
+    Example: healthdelta demo --out demo-out
+    """
+    from healthdelta.demo import run_demo
+
+    progress = make_progress(ctx)
+    try:
+        result = run_demo(out, progress)
+    finally:
+        progress.close()
+    for i, run in enumerate(result.runs, 1):
+        click.echo(f"export_{i}_status={run.status}")
+        click.echo(f"export_{i}_run_id={run.run_id}")
+    data = out / "data"
+    click.echo(f"data_dir={data.as_posix()}")
+    click.echo(f"next: healthdelta run list --state {(data / 'state').as_posix()}")

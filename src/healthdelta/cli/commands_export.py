@@ -1,0 +1,95 @@
+"""`export ndjson|validate|profile`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from healthdelta import pipeline, profile, validate
+from healthdelta.cli.options import cli, global_options, make_progress
+from healthdelta.errors import UsageError
+from healthdelta.fsutil import atomic_write_json
+
+
+@cli.group("export")
+@global_options
+def export_group() -> None:
+    """Canonical NDJSON: write, validate, profile."""
+
+
+@export_group.command("ndjson")
+@click.option("--input", "run_dir", required=True, type=click.Path(path_type=Path),
+              help="A staged run directory, <out>/staging/<run_id>.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("data/ndjson"), show_default=True,
+              help="Receives <run_id>/; the delta is taken against <out>/<parent_run_id>/ if present.")
+@click.option("--mode", type=click.Choice(["local", "share"]), default="local", show_default=True)
+@global_options
+@click.pass_context
+def export_ndjson(ctx, run_dir, out, mode):
+    """Write the canonical NDJSON streams, key index and delta of one staged run.
+
+    Example: healthdelta export ndjson --input data/staging/<run_id> --out data/ndjson
+    """
+    if mode == "share":
+        raise UsageError("share mode needs the de-identification stage, which this version does not include yet")
+    progress = make_progress(ctx)
+    try:
+        result = pipeline.export_ndjson(run_dir, out, progress)
+    finally:
+        progress.close()
+    click.echo(f"run_id={result.run_id}")
+    click.echo(f"ndjson_dir={(out / result.run_id).as_posix()}")
+    click.echo(f"rows={sum(result.counts.values())}")
+    click.echo(f"added={sum(d['added'] for d in result.delta.values())}")
+    click.echo(f"removed={sum(d['removed'] for d in result.delta.values())}")
+
+
+@export_group.command("validate")
+@click.option("--input", "ndjson_dir", required=True, type=click.Path(path_type=Path),
+              help="An NDJSON run directory, <out>/ndjson/<run_id>.")
+@click.option("--banned-token", "tokens", multiple=True, help="Text that must not appear (repeatable).")
+@click.option("--banned-regex", "regexes", multiple=True, help="Pattern that must not match (repeatable).")
+@global_options
+def export_validate(ndjson_dir, tokens, regexes):
+    """Check schema, order, encoding and banned content; prints `ok` or ERROR lines.
+
+    Example: healthdelta export validate --input data/ndjson/<run_id> --banned-token "Jane Doe"
+    """
+    import re
+
+    for r in regexes:
+        try:
+            re.compile(r)
+        except re.error:
+            raise UsageError("--banned-regex is not a valid regular expression") from None
+    errors = 0
+    for finding in validate.validate_dir(ndjson_dir, tuple(tokens), tuple(regexes)):
+        click.echo(str(finding))
+        errors += 1
+    if errors:
+        click.echo(f"errors={errors}")
+        raise click.exceptions.Exit(1)
+    click.echo("ok")
+
+
+@export_group.command("profile")
+@click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
+              help="export.zip, the apple_health_export folder, or its parent.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for profile.json.")
+@global_options
+@click.pass_context
+def export_profile(ctx, input_path, out):
+    """Share-safe profile of an export: counts by type and extension, sizes; no values or dates.
+
+    Example: healthdelta export profile --input export.zip --out profile/
+    """
+    progress = make_progress(ctx)
+    try:
+        prof = profile.profile_export(input_path, out, progress)
+    finally:
+        progress.close()
+    atomic_write_json(out / "profile.json", prof)
+    click.echo(f"profile={(out / 'profile.json').as_posix()}")
+    click.echo(f"files={prof['files']['count']}")
+    click.echo(f"rows={sum(prof['rows_by_stream'].values())}")

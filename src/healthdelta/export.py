@@ -1,0 +1,151 @@
+"""The NDJSON export stage: staged run → `ndjson/<run_id>/` streams, key index and delta.
+
+Parse tasks run in worker processes (two cores: export.xml is split at top-level
+element boundaries), each spilling sorted runs of encoded lines; the main process
+merges every stream into its final file and, in the same pass, computes the delta
+against the parent run's key index. Small exports run in-process (the
+single-stream fallback, also what a pool-less environment gets).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from healthdelta.delta import StreamDelta
+from healthdelta.fsutil import WorkDir, atomic_write_json, fsync_dir
+from healthdelta.ndjson import STREAMS, SpillWriter, merge_stream
+from healthdelta.parse import ParseTask, iter_task, plan_tasks
+from healthdelta.parse.report import ParseReport
+from healthdelta.progress import ProgressFn, no_progress
+
+SCHEMA_VERSION = 1
+IN_PROCESS_BELOW = 32 << 20  # bytes: below this a pool costs more than it saves
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    run_id: str
+    parent_run_id: str | None
+    counts: dict[str, int]
+    delta: dict[str, dict[str, int]]
+    report: dict
+
+
+def default_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def export_run(
+    run_dir: Path,
+    ndjson_parent: Path,
+    *,
+    run_id: str,
+    parent_run_id: str | None,
+    person_id: str,
+    workers: int | None = None,
+    progress: ProgressFn = no_progress,
+) -> ExportResult:
+    """Write `ndjson_parent/<run_id>/` atomically and return its counts.
+
+    The parent's NDJSON (for the delta) is `ndjson_parent/<parent_run_id>/`; when it
+    does not exist every row counts as added, as for a first run.
+    """
+    layout = json.loads((run_dir / "layout.json").read_text(encoding="utf-8"))
+    workers = workers or default_workers()
+    tasks = plan_tasks(run_dir, layout, workers)
+    total = sum(t.size for t in tasks)
+    parent_dir = ndjson_parent / parent_run_id if parent_run_id else None
+    if parent_dir is not None and not (parent_dir / "delta.json").is_file():
+        parent_dir = None
+    with WorkDir(ndjson_parent, run_id) as work:
+        spill_dir = work.path / ".spill"
+        points_dir = work.path / "local" / "route_points"
+        spill_dir.mkdir()
+        points_dir.mkdir(parents=True)
+        report = ParseReport()
+        spills: dict[str, list[Path]] = {s: [] for s in STREAMS}
+        args = (run_dir, spill_dir, points_dir, run_id, person_id)
+        if workers == 1 or total < IN_PROCESS_BELOW:
+            results = (_parse_task(i, task, *args) for i, task in enumerate(tasks))
+            _collect(results, tasks, spills, report, progress, total)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                futures = [pool.submit(_parse_task, i, task, *args) for i, task in enumerate(tasks)]
+                _collect((f.result() for f in futures), tasks, spills, report, progress, total)
+        counts, delta = _merge_all(work.path, spills, parent_dir, progress)
+        for p in spill_dir.iterdir():
+            p.unlink()
+        spill_dir.rmdir()
+        result = ExportResult(run_id, parent_run_id if parent_dir else None, counts, delta, report.as_dict())
+        atomic_write_json(work.path / "delta.json", {
+            "schema_version": SCHEMA_VERSION,
+            "run_id": run_id,
+            "parent_run_id": result.parent_run_id,
+            "streams": delta,
+            "added": sum(d["added"] for d in delta.values()),
+            "removed": sum(d["removed"] for d in delta.values()),
+        })
+        atomic_write_json(work.path / "export_report.json", {
+            "schema_version": SCHEMA_VERSION,
+            "run_id": run_id,
+            "counts": counts,
+            "parse": report.as_dict(),
+        })
+        work.commit(ndjson_parent / run_id)
+    return result
+
+
+def _parse_task(index: int, task: ParseTask, run_dir: Path, spill_dir: Path, points_dir: Path,
+                run_id: str, person_id: str) -> tuple[dict[str, list[Path]], ParseReport]:
+    """Worker body: parse one task into sorted spill runs (top level so it pickles)."""
+    report = ParseReport()
+    writer = SpillWriter(spill_dir, run_id, person_id, prefix=f"t{index:04d}")
+    writer.add_all(iter_task(run_dir, task, report, points_dir))
+    return writer.close(), report
+
+
+def _collect(results, tasks, spills, report, progress, total) -> None:
+    for task, (task_spills, task_report) in zip(tasks, results):
+        for stream, paths in task_spills.items():
+            spills[stream].extend(paths)
+        report.merge(task_report)
+        progress("parsing", task.size, total)
+
+
+def _merge_all(dest: Path, spills: dict[str, list[Path]], parent_dir: Path | None, progress: ProgressFn):
+    (dest / "index").mkdir()
+    (dest / "added").mkdir()
+    (dest / "removed").mkdir()
+    counts: dict[str, int] = {}
+    delta: dict[str, dict[str, int]] = {}
+    for stream in STREAMS:
+        name = f"{stream}.ndjson"
+        with open(dest / name, "wb") as rows, open(dest / "index" / f"{stream}.keys", "wb") as index, \
+                open(dest / "added" / name, "wb") as added, open(dest / "removed" / name, "wb") as removed:
+            diff = StreamDelta(
+                parent_dir / name if parent_dir else None,
+                parent_dir / "index" / f"{stream}.keys" if parent_dir else None,
+                added, removed,
+            )
+            n = 0
+            for line in merge_stream(spills[stream]):
+                rows.write(line.json + b"\n")
+                index.write(line.sortkey + b"\t" + line.record_key + b"\n")
+                diff.feed(line)
+                n += 1
+            diff.finish()
+            for fh in (rows, index, added, removed):
+                fh.flush()
+                os.fsync(fh.fileno())
+        counts[stream] = n
+        delta[stream] = {"added": diff.added, "removed": diff.removed, "total": n}
+        progress("merging", 1, len(STREAMS))
+    for sub in ("index", "added", "removed"):
+        fsync_dir(dest / sub)
+    return counts, delta
