@@ -102,3 +102,20 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, code: int = 1) -> s
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "Traceback" not in proc.stderr
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def synth_pair(tmp_path_factory):
+    """A generated export with planted PII (two people and a namesake) and its next export."""
+    from healthdelta.synth import generate_export
+
+    root = tmp_path_factory.mktemp("synth")
+    first = generate_export(root / "export-1", seed=5, records=3000, people=2, ambiguous_person=True, zip=True)
+    second = generate_export(root / "export-2", base=first, new_records=120, zip=True)
+    return first, second
+
+
+def read_ndjson(path: Path) -> list[dict]:
+    import orjson
+
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]

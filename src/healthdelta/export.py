@@ -75,9 +75,13 @@ def export_run(
             _collect(results, tasks, spills, report, progress, total)
         else:
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+            try:
                 futures = [pool.submit(_parse_task, i, task, *args) for i, task in enumerate(tasks)]
                 _collect((f.result() for f in futures), tasks, spills, report, progress, total)
+            finally:
+                # On a failure (a damaged file, Ctrl-C) do not parse the rest first.
+                pool.shutdown(wait=True, cancel_futures=True)
         counts, delta = _merge_all(work.path, spills, parent_dir, progress)
         for p in spill_dir.iterdir():
             p.unlink()

@@ -29,6 +29,11 @@ _ISO = re.compile(
     r" ?(?P<tz>Z|z|UTC|GMT|[+-]\d{2}(?::?\d{2})?)?)?)?)?"
 )
 
+# Exactly the canonical form, UTC to the second (every GPX point has one): passed
+# through without datetime arithmetic. Field ranges are checked; a day that does not
+# exist in its month (02-30) passes unnoticed, as it would harm only its own row.
+_UTC_SECONDS = re.compile(r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:[0-5]\dZ")
+
 # HL7 v3 TS as Apple's export_cda.xml writes it: `20181218194839-0600`, any precision
 # from a year down to fractional seconds, optional `+/-HHMM` offset.
 _CDA = re.compile(
@@ -83,6 +88,8 @@ def from_iso(value: str) -> TimePair:
     >>> from_iso("2024-02-03 08:14:22 -0800")
     ('2024-02-03T16:14:22Z', '2024-02-03T08:14:22-08:00')
     """
+    if _UTC_SECONDS.fullmatch(value):
+        return value, value  # GPX points: already canonical UTC, the hot path
     match = _ISO.fullmatch(value.strip())
     if match is None:
         raise ValueError("not an ISO 8601 date or time")
