@@ -3,9 +3,9 @@ from pathlib import Path
 
 from hypothesis import given, strategies as st
 
-from healthdelta.delta import StreamDelta
+from healthdelta.delta import write_stream
 from healthdelta.keys import occurrence_key
-from healthdelta.ndjson import SpillWriter, decode_line, encode_row, merge_stream, sort_key
+from healthdelta.ndjson import JSON_START, SpillWriter, decode_line, encode_row, merge_stream, sort_key
 
 RUN = "r" * 64
 
@@ -49,7 +49,7 @@ def _merged(tmp_path: Path, rows, spill_rows=2):
 def test_merge_sorts_and_completes_rows(tmp_path):
     rows = [("observations", row(i, f"2024-01-0{1 + i % 3}T00:00:00Z")) for i in range(7)]
     merged = _merged(tmp_path, rows)
-    decoded = [decode_line(m.json) for m in merged]
+    decoded = [decode_line(m[JSON_START:]) for m in merged]
     assert [(d["event_time"], d["record_key"]) for d in decoded] == sorted(
         (d["event_time"], d["record_key"]) for d in decoded)
     assert all(d["run_id"] == RUN and d["schema_version"] == 1 and d["canonical_person_id"] == "person"
@@ -66,7 +66,7 @@ def test_nested_twin_dropped_exact_duplicates_get_occurrence_keys(tmp_path):
         ("observations", row(3, t)),
         ("observations", row(3, t)),                 # a real duplicate sample: both kept
     ]
-    decoded = [decode_line(m.json) for m in _merged(tmp_path, rows)]
+    decoded = [decode_line(m[JSON_START:]) for m in _merged(tmp_path, rows)]
     keys = [d["record_key"] for d in decoded]
     assert sorted(keys) == keys and len(set(keys)) == 4
     assert set(keys) == {key(1), key(2), key(3), occurrence_key(key(3), 1)}
@@ -74,22 +74,22 @@ def test_nested_twin_dropped_exact_duplicates_get_occurrence_keys(tmp_path):
 
 
 def test_stream_delta_merge_join(tmp_path):
-    parent_rows = tmp_path / "p.ndjson"
-    parent_keys = tmp_path / "p.keys"
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    first = _merged(tmp_path / "a", [("observations", row(i, f"2024-01-0{1 + i % 5}T00:00:00Z")) for i in range(10)])
-    parent_rows.write_bytes(b"".join(m.json + b"\n" for m in first))
-    parent_keys.write_bytes(b"".join(m.sortkey + b"\t" + m.record_key + b"\n" for m in first))
+    def run(name, numbers, parent=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        merged = _merged(folder, [("observations", row(i, f"2024-01-0{1 + i % 5}T00:00:00Z")) for i in numbers])
+        files = {k: open(folder / k, "wb") for k in ("rows", "index", "added", "removed")}
+        with files["rows"], files["index"], files["added"], files["removed"]:
+            counts = write_stream(merged, files["rows"], files["index"], files["added"], files["removed"],
+                                  parent / "rows" if parent else None, parent / "index" if parent else None)
+        return folder, counts
+
+    first, counts = run("a", range(10))
+    assert counts == (10, 10, 0)
+    assert len((first / "index").read_bytes().splitlines()) == 10
     # next export: rows 0..9 minus 4 and 7, plus 10..12
-    second = _merged(tmp_path / "b", [("observations", row(i, f"2024-01-0{1 + i % 5}T00:00:00Z"))
-                                      for i in list(range(10)) + [10, 11, 12] if i not in (4, 7)])
-    with open(tmp_path / "added", "wb") as a, open(tmp_path / "removed", "wb") as r:
-        d = StreamDelta(parent_rows, parent_keys, a, r)
-        for m in second:
-            d.feed(m)
-        d.finish()
-    added = {decode_line(x)["record_key"] for x in (tmp_path / "added").read_bytes().splitlines()}
-    removed = {decode_line(x)["record_key"] for x in (tmp_path / "removed").read_bytes().splitlines()}
+    second, counts = run("b", [i for i in range(13) if i not in (4, 7)], parent=first)
+    added = {decode_line(x)["record_key"] for x in (second / "added").read_bytes().splitlines()}
+    removed = {decode_line(x)["record_key"] for x in (second / "removed").read_bytes().splitlines()}
     assert added == {key(10), key(11), key(12)} and removed == {key(4), key(7)}
-    assert (d.added, d.removed) == (3, 2)
+    assert counts == (11, 3, 2)

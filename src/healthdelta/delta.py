@@ -10,51 +10,54 @@ no parent row is ever held in memory, whatever the export's size.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterable
 
-from healthdelta.ndjson import MergedLine
+from healthdelta.ndjson import IDENT, JSON_START
 
 
-class StreamDelta:
-    """Feed the new stream's lines in order; writes added/removed rows as it goes."""
+def write_stream(
+    lines: Iterable[bytes],
+    rows: IO[bytes],
+    index: IO[bytes],
+    added: IO[bytes],
+    removed: IO[bytes],
+    parent_rows: Path | None,
+    parent_index: Path | None,
+) -> tuple[int, int, int]:
+    """Write the final stream and its index from merged spill lines, and the delta
+    against the parent's stream in the same pass. Returns (rows, added, removed).
 
-    def __init__(self, parent_stream: Path | None, parent_index: Path | None,
-                 added: IO[bytes], removed: IO[bytes]) -> None:
-        self._added = added
-        self._removed = removed
-        self.added = self.removed = 0
-        self._p_rows = open(parent_stream, "rb") if parent_stream and parent_stream.exists() else None
-        self._p_keys = open(parent_index, "rb") if parent_index and parent_index.exists() else None
-        self._parent: tuple[bytes, bytes] | None = None
-        self._advance()
-
-    def _advance(self) -> None:
-        if self._p_keys is None:
-            return
-        key_line = self._p_keys.readline()
-        if not key_line:
-            self._parent = None
-            return
-        self._parent = (key_line.rstrip(b"\n"), self._p_rows.readline())
-
-    def feed(self, line: MergedLine) -> None:
-        ident = line.sortkey + b"\t" + line.record_key
-        while self._parent is not None and self._parent[0] < ident:
-            self._emit_removed()
-        if self._parent is not None and self._parent[0] == ident:
-            self._advance()
-            return
-        self._added.write(line.json + b"\n")
-        self.added += 1
-
-    def _emit_removed(self) -> None:
-        self._removed.write(self._parent[1])
-        self.removed += 1
-        self._advance()
-
-    def finish(self) -> None:
-        while self._parent is not None:
-            self._emit_removed()
-        for fh in (self._p_rows, self._p_keys):
+    A merge-join: both sides are in (sortkey, record_key) order, so each parent
+    index line is read once, in step with the new stream.
+    """
+    n = n_added = n_removed = 0
+    has_parent = parent_index is not None and parent_index.exists()
+    p_keys = open(parent_index, "rb") if has_parent else None
+    p_rows = open(parent_rows, "rb") if has_parent else None
+    try:
+        p_ident = p_keys.readline()[:-1] if p_keys else b""
+        for line in lines:
+            ident = line[IDENT]
+            row = line[JSON_START:]
+            rows.write(row)
+            index.write(ident + b"\n")
+            n += 1
+            while p_ident and p_ident < ident:
+                removed.write(p_rows.readline())
+                n_removed += 1
+                p_ident = p_keys.readline()[:-1]
+            if p_ident == ident:
+                p_rows.readline()
+                p_ident = p_keys.readline()[:-1]
+            else:
+                added.write(row)
+                n_added += 1
+        while p_ident:
+            removed.write(p_rows.readline())
+            n_removed += 1
+            p_ident = p_keys.readline()[:-1]
+    finally:
+        for fh in (p_keys, p_rows):
             if fh is not None:
                 fh.close()
+    return n, n_added, n_removed

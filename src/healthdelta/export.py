@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from healthdelta.delta import StreamDelta
+from healthdelta.delta import write_stream
 from healthdelta.fsutil import WorkDir, atomic_write_json, fsync_dir
 from healthdelta.ndjson import STREAMS, SpillWriter, merge_stream
 from healthdelta.parse import ParseTask, iter_task, plan_tasks
@@ -130,25 +130,25 @@ def _merge_all(dest: Path, spills: dict[str, list[Path]], parent_dir: Path | Non
     delta: dict[str, dict[str, int]] = {}
     for stream in STREAMS:
         name = f"{stream}.ndjson"
+        # Without a parent every row is added: added/ is then a hard link to the stream
+        # (same bytes, immutable) instead of a second copy of a multi-GB file.
+        first_run = parent_dir is None
         with open(dest / name, "wb") as rows, open(dest / "index" / f"{stream}.keys", "wb") as index, \
-                open(dest / "added" / name, "wb") as added, open(dest / "removed" / name, "wb") as removed:
-            diff = StreamDelta(
+                open(dest / "removed" / name, "wb") as removed, \
+                open(os.devnull if first_run else dest / "added" / name, "wb") as added:
+            n, n_added, n_removed = write_stream(
+                merge_stream(spills[stream]), rows, index, added, removed,
                 parent_dir / name if parent_dir else None,
                 parent_dir / "index" / f"{stream}.keys" if parent_dir else None,
-                added, removed,
             )
-            n = 0
-            for line in merge_stream(spills[stream]):
-                rows.write(line.json + b"\n")
-                index.write(line.sortkey + b"\t" + line.record_key + b"\n")
-                diff.feed(line)
-                n += 1
-            diff.finish()
             for fh in (rows, index, added, removed):
                 fh.flush()
-                os.fsync(fh.fileno())
+                if fh.name != os.devnull:
+                    os.fsync(fh.fileno())
+        if first_run:
+            os.link(dest / name, dest / "added" / name)
         counts[stream] = n
-        delta[stream] = {"added": diff.added, "removed": diff.removed, "total": n}
+        delta[stream] = {"added": n_added, "removed": n_removed, "total": n}
         progress("merging", 1, len(STREAMS))
     for sub in ("index", "added", "removed"):
         fsync_dir(dest / sub)

@@ -103,56 +103,52 @@ class SpillWriter:
         return self.spills
 
 
-@dataclass(frozen=True)
-class MergedLine:
-    sortkey: bytes
-    record_key: bytes
-    json: bytes
+IDENT = slice(0, 91)  # `sortkey \t record_key` of a spill line
+JSON_START = 94
 
 
-def merge_stream(spill_files: list[Path]) -> Iterator[MergedLine]:
-    """Merge sorted spill runs into final order, resolving repeats of one record key.
+def merge_stream(spill_files: list[Path]) -> Iterator[bytes]:
+    """Merge sorted spill runs into final order; yields spill-format lines.
 
+    Repeats of one (event_time, record_key) are resolved on the way:
     - A Correlation's child Record (flag `n`) is dropped when its top-level twin is
       present: Apple writes those Records twice, they must count once.
     - Byte-identical records that really occur several times get occurrence keys
       (`keys.occurrence_key`), so two records never share a key.
-    Rows sharing one event time are collected (a small group) so that rewritten
-    keys are put back into (event_time, record_key) order.
+    This is the hot loop of the export, so the common case (a line unlike the one
+    before) does nothing but compare a prefix.
     """
     files = [open(p, "rb") for p in spill_files]
     try:
-        merged = heapq.merge(*files)
-        for sortkey, group in itertools.groupby(merged, key=lambda line: line[:26]):
-            yield from _resolve_group(sortkey, group)
+        group: list[bytes] = []
+        for line in heapq.merge(*files):
+            if group and line[:26] != group[0][:26]:
+                if len(group) == 1:
+                    yield group[0]
+                else:
+                    yield from _resolve_group(group)
+                group = [line]
+            else:
+                group.append(line)
+        if group:
+            yield from _resolve_group(group)
     finally:
         for fh in files:
             fh.close()
 
 
-def _resolve_group(sortkey: bytes, lines: Iterable[bytes]) -> list[MergedLine]:
-    out: list[MergedLine] = []
-    for key, same in itertools.groupby(lines, key=lambda line: line[27:91]):
+def _resolve_group(lines: list[bytes]) -> list[bytes]:
+    """Lines sharing one event time: drop nested twins, give repeats occurrence keys,
+    and put rewritten keys back into record_key order."""
+    out: list[bytes] = []
+    for ident, same in itertools.groupby(lines, key=lambda line: line[IDENT]):
         copies = list(same)
         top = [c for c in copies if c[92:93] == b"-"]
         kept = top or copies[:1]
-        for n, line in enumerate(kept):
-            json = line[94:-1]
-            if n == 0:
-                out.append(MergedLine(sortkey, key, json))
-                continue
-            row = decode_line(json)
-            row["record_key"] = occurrence_key(key.decode("ascii"), n)
-            out.append(MergedLine(sortkey, row["record_key"].encode("ascii"), encode_row(row)))
-    if len(out) > 1:
-        out.sort(key=lambda m: m.record_key)
+        out.append(kept[0])
+        for n, line in enumerate(kept[1:], 1):
+            row = decode_line(line[JSON_START:-1])
+            row["record_key"] = occurrence_key(line[27:91].decode("ascii"), n)
+            out.append(b"%s\t%s\t-\t%s\n" % (line[:26], row["record_key"].encode("ascii"), encode_row(row)))
+    out.sort()
     return out
-
-
-def write_lines(fh: IO[bytes], lines: Iterable[bytes]) -> int:
-    n = 0
-    for line in lines:
-        fh.write(line)
-        fh.write(b"\n")
-        n += 1
-    return n
