@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from healthdelta import export, ingest, registry
+from healthdelta import deid, export, identity, ingest, registry
 from healthdelta.errors import InputError, UsageError
 from healthdelta.fingerprint import Fingerprint, run_id as compute_run_id
 from healthdelta.fsutil import StateLock, WorkDir, atomic_write_json, remove_orphan_tmp_dirs
@@ -36,6 +36,8 @@ class PipelineOptions:
     skip_deid: bool = False
     note: str | None = None
     lock_timeout: float = 0.0
+    date_shift: bool = False
+    keep_routes: Literal["drop", "coarse"] = "drop"
 
 
 @dataclass(frozen=True)
@@ -47,15 +49,11 @@ class PipelineResult:
     deid_dir: str | None = None
     ndjson_dir: str | None = None
     cleaned: tuple[str, ...] = field(default_factory=tuple)
+    identity_provisional_reason: str | None = None  # a reason code, never a name
 
 
 def run_pipeline(opts: PipelineOptions, progress: ProgressFn = no_progress) -> PipelineResult:
     """Run the pipeline for one export under the state lock."""
-    if opts.mode == "share" and not opts.skip_deid:
-        # De-identification is its own stage (CONTRACT §9); without it nothing may
-        # be labelled share-safe.
-        raise UsageError("share mode needs the de-identification stage, which this version does not "
-                         "include yet; use --mode local, or --skip-deid to stage without it")
     if opts.expected_run_id is not None and not registry.is_run_id(opts.expected_run_id):
         raise UsageError("--run-id must be 64 lowercase hex characters")
     with StateLock(opts.layout.state, opts.lock_timeout):
@@ -106,15 +104,28 @@ def _run_locked(opts: PipelineOptions, progress: ProgressFn) -> PipelineResult:
                 "bytes": staged.total_bytes,
                 "ignored_files": staged.ignored_files,
             },
-            # Call points for the identity and de-identification stages (CONTRACT §8, §9).
-            "identity": {"status": "not_available"},
-            "deid": {"status": "skipped" if opts.skip_deid else "not_requested"},
         }
         staging_dir = work.commit(layout.staging_dir(run_id))
 
+    # CONTRACT §8: the owner of the HealthKit data; provisional (per run) when unsafe to say.
+    ident = identity.resolve_run(layout.identity, staging_dir, run_id)
+    stages["identity"] = ident.as_report()
+    person_id, ndjson_source, deid_dir = ident.owner_person_id, staging_dir, None
+    if opts.mode == "share" and not opts.skip_deid:
+        # CONTRACT §9: share-mode NDJSON is exported from the de-identified copy only.
+        with WorkDir(layout.deid, run_id) as work:
+            deidentified = deid.deidentify_run(staging_dir, work.path, layout.identity,
+                                               date_shift=opts.date_shift, keep_routes=opts.keep_routes,
+                                               progress=progress)
+            deid_dir = work.commit(layout.deid / run_id)
+        stages["deid"] = deidentified.as_report()
+        person_id, ndjson_source = deidentified.share_person_id, deid_dir
+    else:
+        stages["deid"] = {"status": "skipped" if opts.skip_deid else "not_requested"}
+
     exported = export.export_run(
-        staging_dir, layout.ndjson, run_id=run_id, parent_run_id=parent_id,
-        person_id=provisional_person_id(run_id), progress=progress,
+        ndjson_source, layout.ndjson, run_id=run_id, parent_run_id=parent_id,
+        person_id=person_id, progress=progress,
     )
     stages["ndjson"] = {
         "status": "ok",
@@ -139,6 +150,8 @@ def _run_locked(opts: PipelineOptions, progress: ProgressFn) -> PipelineResult:
         "run_report": layout.rel(report_path),
         "ndjson_dir": layout.rel(layout.ndjson / run_id),
     }
+    if deid_dir is not None:
+        artifacts["deid_dir"] = layout.rel(deid_dir)
     registry.register_run(
         layout.state,
         run_id=run_id,
@@ -154,14 +167,10 @@ def _run_locked(opts: PipelineOptions, progress: ProgressFn) -> PipelineResult:
         staging_dir=artifacts["staging_dir"],
         run_report=artifacts["run_report"],
         ndjson_dir=artifacts["ndjson_dir"],
+        deid_dir=artifacts.get("deid_dir"),
         cleaned=cleaned,
+        identity_provisional_reason=ident.reason if ident.provisional else None,
     )
-
-
-def provisional_person_id(run_id: str) -> str:
-    """Owner id used until the identity stage resolves the export's person (CONTRACT §8):
-    per run, so nothing is ever merged by a guess."""
-    return f"provisional-{run_id[:16]}"
 
 
 def _prepass_fingerprint(
@@ -229,7 +238,7 @@ def export_ndjson(run_dir: Path, out: Path, progress: ProgressFn = no_progress) 
         raise InputError("the run directory has no layout.json (not a staged run)")
     run_id = manifest["run_id"]
     return export.export_run(run_dir, out, run_id=run_id, parent_run_id=manifest.get("parent_run_id"),
-                             person_id=provisional_person_id(run_id), progress=progress)
+                             person_id=identity.provisional_person_id(run_id), progress=progress)
 
 
 def ingest_only(input_path: Path, staging_parent: Path, progress: ProgressFn = no_progress) -> tuple[str, Path]:

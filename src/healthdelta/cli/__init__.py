@@ -13,7 +13,7 @@ import traceback
 import click
 
 from healthdelta.cli.options import cli
-from healthdelta.cli import commands_export, commands_run  # noqa: F401  (registers the commands)
+from healthdelta.cli import commands_export, commands_identity, commands_run  # noqa: F401  (registers the commands)
 from healthdelta.errors import HealthDeltaError
 
 

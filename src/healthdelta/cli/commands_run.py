@@ -26,11 +26,16 @@ def pipeline_group() -> None:
 @click.option("--since", default="last", show_default=True, help="Parent run: `last` or a run id.")
 @click.option("--run-id", "expected_run_id", default=None, help="Fail unless the new run gets this id.")
 @click.option("--skip-deid", is_flag=True, help="Do not run the de-identification stage.")
+@click.option("--date-shift", is_flag=True,
+              help="Share mode: move every date of a person by one secret per-person offset.")
+@click.option("--keep-routes", type=click.Choice(["drop", "coarse"]), default="drop", show_default=True,
+              help="Share mode: drop GPS tracks, or keep them coarsened to about 1 km.")
 @click.option("--note", default=None, help="Free-text note stored in the registry (local only).")
 @lock_timeout_option
 @global_options
 @click.pass_context
-def pipeline_run(ctx, input_path, out, state, mode, since, expected_run_id, skip_deid, note, lock_timeout):
+def pipeline_run(ctx, input_path, out, state, mode, since, expected_run_id, skip_deid, date_shift, keep_routes,
+                 note, lock_timeout):
     """Stage a new export as a run and register it; an unchanged export is a no-op.
 
     Example: healthdelta pipeline run --input export.zip --out data
@@ -39,6 +44,7 @@ def pipeline_run(ctx, input_path, out, state, mode, since, expected_run_id, skip
     opts = pipeline.PipelineOptions(
         input=input_path, layout=layout_from(out, state), mode=mode, since=since,
         expected_run_id=expected_run_id, skip_deid=skip_deid, note=note, lock_timeout=lock_timeout,
+        date_shift=date_shift, keep_routes=keep_routes,
     )
     try:
         result = pipeline.run_pipeline(opts, progress)
@@ -50,6 +56,9 @@ def pipeline_run(ctx, input_path, out, state, mode, since, expected_run_id, skip
         click.echo("no changes detected")
         click.echo(f"run_id={result.run_id}")
         return
+    if result.identity_provisional_reason:
+        notice(ctx, "notice: the owner of this export could not be resolved safely "
+                    f"({result.identity_provisional_reason}); its rows carry a provisional per-run person id")
     if result.status == "already_registered":
         notice(ctx, "this run is already registered; nothing to do")
     click.echo(f"run_id={result.run_id}")
