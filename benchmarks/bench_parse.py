@@ -70,6 +70,15 @@ def _body_start(path: str) -> int:
 
 
 def _peak_rss_mib() -> float:
+    # VmHWM belongs to this process image; ru_maxrss would also count the parent's
+    # peak, which Linux carries over fork and exec.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 

@@ -115,7 +115,8 @@ VISION = (' <VisionPrescription type="HKVisionPrescriptionTypeGlasses" dateIssue
           ' </VisionPrescription>\n')
 UNKNOWN = (' <StateOfMind kind="dailyMood" valence="0.4" startDate="2024-02-09 21:00:00 -0800">\n'
            '  <Label value="calm"/>\n </StateOfMind>\n')
-ALL_KINDS = HR + HR_META + ENERGY + SLEEP + HRV + CORRELATION + WORKOUT + ACTIVITY + CLINICAL + AUDIOGRAM + VISION + UNKNOWN
+ALL_KINDS = (HR + HR_META + ENERGY + SLEEP + HRV + CORRELATION + WORKOUT + ACTIVITY + CLINICAL + AUDIOGRAM + VISION
+             + UNKNOWN)
 
 
 def export_text(body: str, dtd: str = GOOD_DTD, head: str = HEAD, close: bool = True) -> str:
@@ -334,7 +335,8 @@ def test_entity_definitions_are_never_expanded(tmp_path: Path) -> None:
 
 
 def test_control_characters_are_removed(tmp_path: Path) -> None:
-    body = HR.replace("name:Apple Watch", "name:Apple\x0b Watch").replace('sourceVersion="10.2"', 'sourceVersion="10.\x012"')
+    body = HR.replace("name:Apple Watch", "name:Apple\x0b Watch")
+    body = body.replace('sourceVersion="10.2"', 'sourceVersion="10.\x012"')
     body += ENERGY.replace('unit="kcal"', 'unit="k&#11;cal"')
     rows, report = parse_all_ways(write(tmp_path, export_text(body)))
     assert "name:Apple Watch" in rows[0][1]["device"] and rows[0][1]["source_version"] == "10.2"
@@ -386,7 +388,7 @@ def test_truncation_message_says_how_far_it_got(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"export.xml is truncated: stopped after \d+ elements at \d+% of the file"):
         parse(path)
     # Cut inside a long last element: the message points at the end of the last whole one.
-    huge = CORRELATION.replace("  <MetadataEntry", "  <MetadataEntry key=\"k\" value=\"v\"/>\n" * 400 + "  <MetadataEntry")
+    huge = CORRELATION.replace("  <MetadataEntry", '  <MetadataEntry key="k" value="v"/>\n' * 400 + "  <MetadataEntry")
     text = export_text(HR * 40 + huge)
     path = write(tmp_path, text[: text.index("</Correlation>")])
     with pytest.raises(InputError, match=r"stopped after 44 elements at [3-6]\d% of the file"):
@@ -429,7 +431,7 @@ def test_plan_ranges_concatenate_to_the_single_stream(tmp_path: Path) -> None:
     for parts in (1, 2, 3, 7, 40):
         ranges = plan_ranges(path, parts)
         assert ranges[0][0] == export_text("").index("<HealthData") and ranges[-1][1] == size
-        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
         if parts > 1:
             assert len(ranges) > 1
         report = ParseReport()

@@ -1,6 +1,7 @@
 """HealthKit `export.xml` -> canonical rows (docs/ndjson.md, CONTRACT §5).
 
-Apple writes one tag per line, always in the same few shapes:
+Apple writes one tag per line, always in the same few shapes (the Record tag is
+one line in the file, wrapped here):
 
     <Record type="HKQuantityTypeIdentifierHeartRate" sourceName="Jane’s Apple Watch" sourceVersion="10.2"
       device="&lt;&lt;HKDevice: 0x283a1c7d0&gt;, name:Apple Watch, ...&gt;" unit="count/min"
@@ -9,26 +10,26 @@ Apple writes one tag per line, always in the same few shapes:
       <MetadataEntry key="HKMetadataKeyHeartRateMotionContext" value="0"/>
      </Record>
 
-(the Record tag on one line in the file). A general XML parser spends most of
-its time on work we throw away (ElementTree's iterparse runs at ~45 MB/s here,
-expat with Python callbacks below that), and Python's regex engine is slow per
-character, so reading happens in three tiers that all produce the same node
-tuples `(tag, attrs, children[, text])`:
+Measured on this kind of file (benchmarks/bench_parse.py --candidates): a
+general parser spends its time building objects we throw away, expat with
+Python callbacks is slower than ElementTree, and Python's regex engine costs
+~10 ns per character, more than the rest of a row. So reading happens in three
+tiers that all produce the same node tuples `(tag, attrs, children[, text])`:
 
 1. line shapes: each line is split at `"` (C speed); the tuple of the pieces
    between the values (` <Record type=`, ` sourceName=`, ..., `/>`) is the
    line's "shape", checked once against XML's grammar and then cached, so a
    known line costs one split, one dict lookup and one `dict(zip())`.
 2. a compiled-regex tokenizer, exact for any well-formed tag (attributes over
-   several lines, comments, processing instructions), takes over the rest of a
-   chunk from the start of the top-level element holding an unusual line.
+   several lines, multi-line comments, ...), takes over the rest of a chunk
+   from the start of the top-level element holding a line tier 1 does not know.
 3. lxml (no DTD, no entity resolution, no network) takes over the rest of the
    range for what the tokenizer does not read (CDATA, text content,
    single-quoted attributes) and reports malformed markup.
 
 Rows and record keys are built from nodes only, so the tiers cannot disagree:
-tests run every input through the fast path and through lxml alone and compare.
-The XML attribute-value rules (literal tab/CR/LF become spaces, the five
+the tests run every input through the tiers and through lxml alone and compare.
+XML's attribute-value rules (literal tab/CR/LF become spaces, the five
 predefined entities, character references) are applied by hand in tiers 1 and 2.
 """
 
@@ -54,12 +55,12 @@ ROOT = "HealthData"
 HEAD_BYTES = 1 << 20  # read_me looks no further than this past the DTD
 
 Node = tuple  # (tag, attrs: dict[str, str], children: list | tuple[, text])
+Row = dict[str, Any]
 
 # A top-level element is held whole until it ends; Apple's largest (a workout with
 # its route inline, in old exports) are a few MB. Past this, the file is damaged
 # (an end tag missing) and holding on would only exhaust memory.
 _MAX_ELEMENT_BYTES = 64 << 20
-Row = dict[str, Any]
 
 # --------------------------------------------------------------------------- attribute values
 
@@ -145,6 +146,7 @@ _SHAPE_NEXT = re.compile(rf"[ \t\r]+({_NAME})[ \t\r]*=[ \t\r]*\Z").match
 _SHAPE_LAST = re.compile(r"[ \t\r]*(/?)>[ \t\r]*\Z").match
 _SHAPE_BARE = re.compile(rf"[ \t\r]*<(/?)({_NAME})[ \t\r]*(/?)>[ \t\r]*\Z").match
 _SHAPE_CACHE_MAX = 1 << 13
+# Record attributes with a typed field; any other one goes to `extra`.
 _RECORD_TYPED = frozenset(
     {"type", "sourceName", "sourceVersion", "device", "creationDate", "startDate", "endDate", "unit", "value"}
 )
@@ -410,6 +412,7 @@ def _iter_rows(
     shapes_get = shapes.get
     record_row = b.record_row
     rows = b.rows
+    count_children = b.count_children
     counts = report.elements
     n_records = 0
     carry = ""
@@ -462,7 +465,12 @@ def _iter_rows(
                         if not stack:
                             top_i = i + 1
                             n_top += 1
-                            yield from rows(node)
+                            if tag == "Record":  # with metadata: a third of all Records
+                                n_records += 1
+                                count_children("Record", node[2])
+                                yield "observations", record_row(node[1], node[2], False)
+                            else:
+                                yield from rows(node)
                         continue
                     if in_root and tag == ROOT:
                         top_i = i + 1
@@ -791,7 +799,6 @@ def _dates(row: Row, attrs: dict[str, str], pairs: tuple[tuple[str, str], ...]) 
 
 _SAMPLE_DATES = (("creationDate", "creation_date"), ("startDate", "start_date"), ("endDate", "end_date"))
 _SAMPLE_KNOWN = frozenset({"type", "sourceName", "sourceVersion", "device", "creationDate", "startDate", "endDate"})
-_RECORD_KNOWN = _SAMPLE_KNOWN | {"unit", "value"}
 _WORKOUT_KNOWN = (_SAMPLE_KNOWN - {"type"}) | {
     "workoutActivityType", "duration", "durationUnit", "totalDistance", "totalDistanceUnit",
     "totalEnergyBurned", "totalEnergyBurnedUnit",
@@ -817,9 +824,10 @@ _CLINICAL_FIELDS = (
 _CLINICAL_KNOWN = frozenset({a for a, _ in _CLINICAL_FIELDS} | {"receivedDate"})
 _VISION_DATES = (("dateIssued", "date_issued"), ("expirationDate", "expiration_date"))
 _VISION_KNOWN = _SAMPLE_KNOWN | {"dateIssued", "expirationDate", "brand"}
-_NOT_ROWS = frozenset({"Me", "ExportDate"})
+_NOT_ROWS = frozenset({"Me", "ExportDate"})  # read_me hands them to the identity stage
+# Stream of a known kind kept generically (it had text content where Apple writes none).
 _STREAM_OF = {"Record": "observations", "Audiogram": "observations", "Correlation": "correlations",
-              "Workout": "workouts", "ActivitySummary": "activity_summaries"}  # read_me hands them to the identity stage
+              "Workout": "workouts", "ActivitySummary": "activity_summaries"}
 
 
 class _RowBuilder:
@@ -847,18 +855,18 @@ class _RowBuilder:
             row["canonical_person_id"] = self.person_id
         return row
 
-    def _count_children(self, parent: str, children: Iterable[Node]) -> None:
+    def count_children(self, parent: str, children: Iterable[Node]) -> None:
         counts = self.counts
         for c in children:
             counts[f"{parent}/{c[0]}"] += 1
             if c[2]:
-                self._count_children(c[0], c[2])
+                self.count_children(c[0], c[2])
 
     def rows(self, node: Node) -> list[tuple[str, Row]]:
         tag, attrs, children = node[0], node[1], node[2]
         self.counts[tag] += 1
         if children:
-            self._count_children(tag, children)
+            self.count_children(tag, children)
         if tag in _NOT_ROWS:
             return []
         build = self.dispatch.get(tag)
@@ -884,7 +892,7 @@ class _RowBuilder:
             e_utc, e_local = s_utc, s_local
         else:
             e_utc, e_local = convert_date(end) if end is not None else _NO_DATE
-        names = a.keys() - _RECORD_KNOWN if extra is None else extra
+        names = a.keys() - _RECORD_TYPED if extra is None else extra
         device = get("device")
         if children:
             key = element_key("Record", a, children)
@@ -1155,9 +1163,9 @@ def iter_healthkit(
     """Yield (stream, row) for every element of `export.xml`, in file order.
 
     Streams with flat memory: the file is read in 4 MiB chunks and nothing but
-    the current chunk (and a top-level element crossing its end) is held. `byte_range` (from `plan_ranges`)
-    restricts the parse to one slice of the body; the slices' rows concatenated
-    are the whole file's rows. `person`, when it holds `canonical_person_id`,
+    the current chunk (and a top-level element crossing its end) is held.
+    `byte_range` (from `plan_ranges`) restricts the parse to one slice of the
+    body; the slices' rows concatenated are the whole file's rows. `person`, when it holds `canonical_person_id`,
     stamps it on every row. A file that ends early raises InputError (rows
     already yielded belong to a failed run and must be discarded).
     """
@@ -1227,7 +1235,10 @@ def read_me(path: Path) -> dict:
 # --------------------------------------------------------------------------- ranges
 
 # Apple indents top-level elements by exactly one space, their children by more.
-_TOP_LINE = re.compile(rb"\n <[A-Za-z_]")
+_TOP_LINE = re.compile(rb"\n <([A-Za-z_][\w.:-]*)[ \t\r\n/>]")
+_LINE_TAG = re.compile(rb" </?([A-Za-z_][\w.:-]*)")
+_TOP_TAGS = frozenset({b"Record", b"Correlation", b"Workout", b"ActivitySummary", b"ClinicalRecord",
+                       b"Audiogram", b"VisionPrescription", b"Me", b"ExportDate"})
 _SPLIT_SCAN_BYTES = 1 << 20
 _SPLIT_SCAN_LIMIT = 64 << 20
 
@@ -1237,11 +1248,12 @@ def plan_ranges(path: Path, parts: int) -> list[tuple[int, int]]:
     that together cover it exactly, cutting only between top-level elements.
 
     A cut is placed at the start of a line ` <Tag` (Apple indents top-level
-    elements by one space, their children by more) whose previous line is a
-    complete top-level element (` <X .../>` or ` </X>`). Where no such place is
-    found nearby, that cut is skipped; at worst one range is returned. A cut that
-    were wrong anyway (hand-edited files) cannot go unnoticed: each range's
-    parse checks that it ends at depth zero and raises otherwise.
+    elements by one space, their children by more) whose previous line ends a
+    top-level element (` <X .../>` or ` </X>`), both tags being ones Apple
+    writes at the top level. Where no such place is found nearby, that cut is
+    skipped; at worst one range is returned. A cut that were wrong anyway (a
+    hand-edited file) cannot go unnoticed: each range's parse checks that it
+    ends at depth zero and raises otherwise.
     """
     path = Path(path)
     with open(path, "rb") as f:
@@ -1273,17 +1285,13 @@ def _find_cut(f: Any, target: int, size: int) -> int | None:
             i = m.start()
             search = i + 1
             prev_nl = window.rfind(b"\n", 0, i)
-            if prev_nl < 0:
+            if prev_nl < 0 or m.group(1) not in _TOP_TAGS:
                 continue
             prev = window[prev_nl + 1:i].rstrip(b"\r")
-            if prev.startswith(b" </") and prev.endswith(b">"):
-                pass
-            elif prev.startswith(b" <") and prev.endswith(b"/>") and prev[2:3] not in (b"/", b"!", b"?"):
-                pass
-            else:
+            tag = _LINE_TAG.match(prev)
+            if tag is None or tag.group(1) not in _TOP_TAGS:
                 continue
-            if prev.startswith(b" </HealthData") or prev.startswith(b" <HealthData"):
-                continue
-            return pos - back + i + 1
+            if prev.startswith(b" </") and prev.endswith(b">") or prev.endswith(b"/>") and prev[2:3] != b"/":
+                return pos - back + i + 1
         pos += _SPLIT_SCAN_BYTES
     return None

@@ -55,12 +55,12 @@ def find_body_start(f: BinaryIO, size: int) -> int:
     declaration, DOCTYPE with its possibly broken internal DTD, comments) is skipped."""
     if size == 0:
         raise InputError("export.xml is empty")
-    head = b""
+    head = bytearray()
     f.seek(0)
     while True:
+        search_from = max(len(head) - 16, 0)
         block = f.read(HEAD_STEP)
         head += block
-        search_from = 0
         while True:
             m = _ROOT_START.search(head, search_from)
             if m is None:
