@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from healthdelta import deid, export, identity, ingest, registry
 from healthdelta.errors import InputError, UsageError
@@ -48,16 +48,23 @@ class PipelineResult:
     run_report: str | None = None
     deid_dir: str | None = None
     ndjson_dir: str | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)
     cleaned: tuple[str, ...] = field(default_factory=tuple)
     identity_provisional_reason: str | None = None  # a reason code, never a name
 
 
-def run_pipeline(opts: PipelineOptions, progress: ProgressFn = no_progress) -> PipelineResult:
+# Stages that run after the NDJSON stage and before registration (`run all`'s warehouse
+# and reports): (run_id, parent_run_id, artifacts, stages) -> None, filling in both dicts.
+LaterStages = Callable[[str, "str | None", dict, dict], None]
+
+
+def run_pipeline(opts: PipelineOptions, progress: ProgressFn = no_progress,
+                 later: LaterStages | None = None) -> PipelineResult:
     """Run the pipeline for one export under the state lock."""
     if opts.expected_run_id is not None and not registry.is_run_id(opts.expected_run_id):
         raise UsageError("--run-id must be 64 lowercase hex characters")
     with StateLock(opts.layout.state, opts.lock_timeout):
-        return _run_locked(opts, progress)
+        return _run_locked(opts, progress, later)
 
 
 def clean_orphans(layout: OutLayout) -> tuple[str, ...]:
@@ -68,13 +75,19 @@ def clean_orphans(layout: OutLayout) -> tuple[str, ...]:
     return tuple(removed)
 
 
-def _run_locked(opts: PipelineOptions, progress: ProgressFn) -> PipelineResult:
+def _run_locked(opts: PipelineOptions, progress: ProgressFn, later: LaterStages | None) -> PipelineResult:
     layout = opts.layout
     cleaned = clean_orphans(layout)
     inp = detect_input(opts.input)
     reg = registry.read_registry(layout.state)
     parent = registry.resolve_parent(reg, layout.state, opts.since)
     parent_id = parent["run_id"] if parent else None
+    parent_mode = (parent or {}).get("mode") or "local"
+    if parent is not None and parent_mode != opts.mode:
+        # Keys of share-mode rows hash de-identified content: a delta across modes is
+        # meaningless, and one warehouse must never mix identified and shared rows.
+        raise UsageError(f"the parent run was made in {parent_mode} mode; "
+                         f"use a separate --out for {opts.mode} mode")
 
     fingerprint = _prepass_fingerprint(inp, parent, opts.expected_run_id is not None, progress)
     if fingerprint is not None:
@@ -135,6 +148,15 @@ def _run_locked(opts: PipelineOptions, progress: ProgressFn) -> PipelineResult:
         "removed": sum(d["removed"] for d in exported.delta.values()),
         "parse": exported.report,
     }
+    artifacts = {
+        "staging_dir": layout.rel(staging_dir),
+        "run_report": layout.rel(staging_dir / "run_report.json"),
+        "ndjson_dir": layout.rel(layout.ndjson / run_id),
+    }
+    if deid_dir is not None:
+        artifacts["deid_dir"] = layout.rel(deid_dir)
+    if later is not None:
+        later(run_id, parent_id, artifacts, stages)
     report_path = staging_dir / "run_report.json"
     atomic_write_json(report_path, {
         "schema_version": REPORT_SCHEMA_VERSION,
@@ -145,13 +167,6 @@ def _run_locked(opts: PipelineOptions, progress: ProgressFn) -> PipelineResult:
         "stages": stages,
         "finished_at": registry.utc_now(),
     })
-    artifacts = {
-        "staging_dir": layout.rel(staging_dir),
-        "run_report": layout.rel(report_path),
-        "ndjson_dir": layout.rel(layout.ndjson / run_id),
-    }
-    if deid_dir is not None:
-        artifacts["deid_dir"] = layout.rel(deid_dir)
     registry.register_run(
         layout.state,
         run_id=run_id,
@@ -168,6 +183,7 @@ def _run_locked(opts: PipelineOptions, progress: ProgressFn) -> PipelineResult:
         run_report=artifacts["run_report"],
         ndjson_dir=artifacts["ndjson_dir"],
         deid_dir=artifacts.get("deid_dir"),
+        artifacts=artifacts,
         cleaned=cleaned,
         identity_provisional_reason=ident.reason if ident.provisional else None,
     )
