@@ -1,4 +1,4 @@
-"""`healthdelta demo`: a synthetic export and its next export through the whole pipeline."""
+"""`healthdelta demo`: a synthetic export and its next export through `run all`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from healthdelta import synth
 from healthdelta.layout import OutLayout
-from healthdelta.pipeline import PipelineOptions, PipelineResult, run_pipeline
+from healthdelta.pipeline import PipelineOptions, PipelineResult, run_all
 from healthdelta.progress import ProgressFn, no_progress
 
 DEMO_SEED = 7
@@ -36,7 +36,7 @@ def run_demo(out: Path, progress: ProgressFn = no_progress) -> DemoResult:
                                    zip=True, keep_folder=False)
     layout = OutLayout.create(out / "data")
     runs = tuple(
-        run_pipeline(PipelineOptions(input=export.zip_path, layout=layout, note=f"demo export {i}"), progress)
+        run_all(PipelineOptions(input=export.zip_path, layout=layout, note=f"demo export {i}"), progress)
         for i, export in enumerate((first, second), 1)
     )
     return DemoResult(out=out, runs=runs)

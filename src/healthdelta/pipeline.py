@@ -70,7 +70,7 @@ def run_pipeline(opts: PipelineOptions, progress: ProgressFn = no_progress,
 def clean_orphans(layout: OutLayout) -> tuple[str, ...]:
     """Remove temporary dirs left by interrupted commands (caller holds the lock)."""
     removed: list[str] = []
-    for parent in (layout.staging, layout.ndjson, layout.deid, layout.reports, layout.state):
+    for parent in (layout.out, layout.staging, layout.ndjson, layout.deid, layout.reports, layout.state):
         removed += [f"{parent.name}/{name}" for name in remove_orphan_tmp_dirs(parent)]
     return tuple(removed)
 
@@ -269,3 +269,46 @@ def ingest_only(input_path: Path, staging_parent: Path, progress: ProgressFn = n
         if final.exists() and (final / "manifest.json").is_file():
             return run_id, final  # content-addressed: the identical run is already staged
         return run_id, work.commit(final)
+
+
+def run_all(opts: PipelineOptions, progress: ProgressFn = no_progress) -> PipelineResult:
+    """`run all`: pipeline run + NDJSON + delta → warehouse → reports, registered last.
+
+    The warehouse load is one DuckDB transaction. If the reports fail after it
+    committed, the run is unloaded again before the error propagates, so a failure
+    at any stage leaves registry and warehouse as they were. (A SIGKILL in the few
+    milliseconds between the load's commit and the registry write leaves a loaded,
+    unregistered run; the next `run all` unloads it first, `doctor` reports it.)
+    """
+    from healthdelta import report, warehouse
+
+    layout = opts.layout
+
+    def warehouse_and_reports(run_id: str, parent_id: str | None, artifacts: dict, stages: dict) -> None:
+        registered = set(registry.read_registry(layout.state).runs)
+        if layout.warehouse.exists():
+            stale = [r for r in warehouse.loaded_runs(layout.warehouse) if r not in registered]
+            for stale_run in stale:
+                warehouse.unload_run(layout.warehouse, stale_run)
+        entry = {"run_id": run_id, "parent_run_id": parent_id, "mode": opts.mode, "created_at": registry.utc_now()}
+        loaded = warehouse.load_run(layout.warehouse, layout.ndjson / run_id, entry, progress=progress)
+        try:
+            labels = share_person_labels(layout) if opts.mode == "share" else None
+            built = report.build_report(layout.warehouse, layout.reports / run_id, mode=opts.mode, run_id=run_id,
+                                        person_labels=labels, progress=progress)
+        except BaseException:
+            if loaded.status == "loaded":
+                warehouse.unload_run(layout.warehouse, run_id)
+            raise
+        stages["warehouse"] = {"status": loaded.status, "load_mode": loaded.load_mode,
+                               "inserted": loaded.rows_inserted, "removed": loaded.rows_removed}
+        stages["reports"] = {"status": "ok", "files": list(built.files), "people": built.people}
+        artifacts["warehouse"] = layout.rel(layout.warehouse)
+        artifacts["reports_dir"] = layout.rel(layout.reports / run_id)
+
+    return run_pipeline(opts, progress, later=warehouse_and_reports)
+
+
+def share_person_labels(layout: OutLayout) -> dict[str, str]:
+    """Share-mode rows carry `patient-N` ids; the report shows their `Patient N` labels."""
+    return {deid.share_person_id(label): label for label in identity.share_labels(layout.identity).values()}

@@ -13,7 +13,9 @@ import traceback
 import click
 
 from healthdelta.cli.options import cli
-from healthdelta.cli import commands_export, commands_identity, commands_run  # noqa: F401  (registers the commands)
+from healthdelta.cli import (  # noqa: F401  (registers the commands)
+    commands_export, commands_identity, commands_run, commands_warehouse,
+)
 from healthdelta.errors import HealthDeltaError
 
 

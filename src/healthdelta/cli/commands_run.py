@@ -18,49 +18,59 @@ def pipeline_group() -> None:
     """Stateful pipeline runs."""
 
 
-@pipeline_group.command("run")
-@click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
-              help="export.zip, the apple_health_export folder, or its parent.")
-@out_options
-@click.option("--mode", type=click.Choice(["local", "share"]), default="local", show_default=True)
-@click.option("--since", default="last", show_default=True, help="Parent run: `last` or a run id.")
-@click.option("--run-id", "expected_run_id", default=None, help="Fail unless the new run gets this id.")
-@click.option("--skip-deid", is_flag=True, help="Do not run the de-identification stage.")
-@click.option("--date-shift", is_flag=True,
-              help="Share mode: move every date of a person by one secret per-person offset.")
-@click.option("--keep-routes", type=click.Choice(["drop", "coarse"]), default="drop", show_default=True,
-              help="Share mode: drop GPS tracks, or keep them coarsened to about 1 km.")
-@click.option("--note", default=None, help="Free-text note stored in the registry (local only).")
-@lock_timeout_option
-@global_options
-@click.pass_context
-def pipeline_run(ctx, input_path, out, state, mode, since, expected_run_id, skip_deid, date_shift, keep_routes,
-                 note, lock_timeout):
-    """Stage a new export as a run and register it; an unchanged export is a no-op.
+def run_options(f):
+    """The flags `pipeline run` and `run all` share."""
+    for option in reversed([
+        click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
+                     help="export.zip, the apple_health_export folder, or its parent."),
+        out_options,
+        click.option("--mode", type=click.Choice(["local", "share"]), default="local", show_default=True),
+        click.option("--since", default="last", show_default=True, help="Parent run: `last` or a run id."),
+        click.option("--run-id", "expected_run_id", default=None, help="Fail unless the new run gets this id."),
+        click.option("--skip-deid", is_flag=True, help="Do not run the de-identification stage."),
+        click.option("--date-shift", is_flag=True,
+                     help="Share mode: move every date of a person by one secret per-person offset."),
+        click.option("--keep-routes", type=click.Choice(["drop", "coarse"]), default="drop", show_default=True,
+                     help="Share mode: drop GPS tracks, or keep them coarsened to about 1 km."),
+        click.option("--note", default=None, help="Free-text note stored in the registry (local only)."),
+        lock_timeout_option,
+        global_options,
+    ]):
+        f = option(f)
+    return f
 
-    Example: healthdelta pipeline run --input export.zip --out data
-    """
-    progress = make_progress(ctx)
-    opts = pipeline.PipelineOptions(
+
+def _options(input_path, out, state, mode, since, expected_run_id, skip_deid, date_shift, keep_routes, note,
+             lock_timeout) -> pipeline.PipelineOptions:
+    return pipeline.PipelineOptions(
         input=input_path, layout=layout_from(out, state), mode=mode, since=since,
         expected_run_id=expected_run_id, skip_deid=skip_deid, note=note, lock_timeout=lock_timeout,
         date_shift=date_shift, keep_routes=keep_routes,
     )
+
+
+def _run_with_progress(ctx, run, opts):
+    progress = make_progress(ctx)
     try:
-        result = pipeline.run_pipeline(opts, progress)
+        return run(opts, progress)
     finally:
         progress.close()
-    if result.cleaned:
-        notice(ctx, f"removed {len(result.cleaned)} leftover temporary dir(s) of an interrupted run")
+
+
+@pipeline_group.command("run")
+@run_options
+@click.pass_context
+def pipeline_run(ctx, **flags):
+    """Stage a new export as a run and register it; an unchanged export is a no-op.
+
+    Example: healthdelta pipeline run --input export.zip --out data
+    """
+    result = _run_with_progress(ctx, pipeline.run_pipeline, _options(**flags))
+    _print_notices(ctx, result)
     if result.status == "no_changes":
         click.echo("no changes detected")
         click.echo(f"run_id={result.run_id}")
         return
-    if result.identity_provisional_reason:
-        notice(ctx, "notice: the owner of this export could not be resolved safely "
-                    f"({result.identity_provisional_reason}); its rows carry a provisional per-run person id")
-    if result.status == "already_registered":
-        notice(ctx, "this run is already registered; nothing to do")
     click.echo(f"run_id={result.run_id}")
     click.echo(f"staging_dir={result.staging_dir}")
     click.echo(f"run_report={result.run_report}")
@@ -70,10 +80,39 @@ def pipeline_run(ctx, input_path, out, state, mode, since, expected_run_id, skip
         click.echo(f"deid_dir={result.deid_dir}")
 
 
+def _print_notices(ctx, result) -> None:
+    if result.cleaned:
+        notice(ctx, f"removed {len(result.cleaned)} leftover temporary dir(s) of an interrupted run")
+    if result.identity_provisional_reason:
+        notice(ctx, "notice: the owner of this export could not be resolved safely "
+                    f"({result.identity_provisional_reason}); its rows carry a provisional per-run person id")
+    if result.status == "already_registered":
+        notice(ctx, "this run is already registered; nothing to do")
+
+
 @cli.group("run")
 @global_options
 def run_group() -> None:
     """The run registry."""
+
+
+@run_group.command("all")
+@run_options
+@click.pass_context
+def run_all_cmd(ctx, **flags):
+    """Everything for one new export: pipeline run, NDJSON + delta, warehouse, reports.
+
+    Example: healthdelta run all --input export.zip --out data
+    """
+    result = _run_with_progress(ctx, pipeline.run_all, _options(**flags))
+    _print_notices(ctx, result)
+    status = "no_changes" if result.status == "no_changes" else "created"
+    if result.status == "no_changes":
+        click.echo("no changes detected")
+    click.echo(f"status={status}")
+    click.echo(f"run_id={result.run_id}")
+    for name, rel in sorted(result.artifacts.items()):
+        click.echo(f"{name}={rel}")
 
 
 @run_group.command("register")
@@ -185,7 +224,7 @@ def ingest_cmd(ctx, input_path, out):
 @global_options
 @click.pass_context
 def demo_cmd(ctx, out):
-    """Generate a synthetic export and its next export, and run the pipeline on both.
+    """Generate a synthetic export and its next export, and `run all` on both.
 
     Example: healthdelta demo --out demo-out
     """
@@ -196,9 +235,12 @@ def demo_cmd(ctx, out):
         result = run_demo(out, progress)
     finally:
         progress.close()
-    for i, run in enumerate(result.runs, 1):
-        click.echo(f"export_{i}_status={run.status}")
-        click.echo(f"export_{i}_run_id={run.run_id}")
     data = out / "data"
+    for i, run in enumerate(result.runs, 1):
+        click.echo(f"export_{i}_status={'no_changes' if run.status == 'no_changes' else 'created'}")
+        click.echo(f"export_{i}_run_id={run.run_id}")
+    last = result.runs[-1]
+    if "reports_dir" in last.artifacts:
+        click.echo(f"report={(data / last.artifacts['reports_dir'] / 'report.html').as_posix()}")
     click.echo(f"data_dir={data.as_posix()}")
-    click.echo(f"next: healthdelta run list --state {(data / 'state').as_posix()}")
+    click.echo(f"next: healthdelta report show --db {(data / 'warehouse.duckdb').as_posix()}")
