@@ -1,0 +1,68 @@
+"""`run all` and `demo` through the real CLI."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+
+from conftest import assert_one_error_line, kv
+from test_cli_pipeline import snapshot
+
+
+def test_run_all_two_exports_then_noop(cli, synth_pair):
+    first, second = synth_pair
+    a = kv(cli("run", "all", "--input", str(first.zip_path), "--out", "data", check=True).stdout)
+    assert a["status"] == "created"
+    for key in ("staging_dir", "ndjson_dir", "run_report", "warehouse", "reports_dir"):
+        assert not a[key].startswith("/") and (cli.cwd / "data" / a[key]).exists(), key
+    b = kv(cli("run", "all", "--input", str(second.zip_path), "--out", "data", check=True).stdout)
+    data = cli.cwd / "data"
+    report = json.loads((data / b["run_report"]).read_text())
+    assert report["stages"]["warehouse"]["load_mode"] == "delta"
+    assert report["stages"]["warehouse"]["inserted"] == json.loads(
+        (data / b["ndjson_dir"] / "delta.json").read_text())["added"]
+    con = duckdb.connect(str(data / "warehouse.duckdb"), read_only=True)
+    total, distinct = con.execute(
+        "SELECT count(*), count(DISTINCT record_key) FROM observations").fetchone()
+    assert total == distinct == len((data / b["ndjson_dir"] / "observations.ndjson").read_bytes().splitlines())
+    assert sorted(r[0] for r in con.execute("SELECT run_id FROM runs").fetchall()) == sorted(
+        [a["run_id"], b["run_id"]])
+    con.close()
+    assert (data / b["reports_dir"] / "report.html").stat().st_size > 0
+
+    before = snapshot(data)
+    again = cli("run", "all", "--input", str(second.zip_path), "--out", "data", check=True)
+    assert again.stdout.splitlines() == ["no changes detected", "status=no_changes", f"run_id={b['run_id']}"]
+    assert snapshot(data) == before  # no file touched: bytes and mtimes
+
+
+def test_run_all_failure_in_reports_leaves_registry_and_warehouse(cli, synth_pair):
+    first, second = synth_pair
+    cli("run", "all", "--input", str(first.zip_path), "--out", "data", check=True)
+    data = cli.cwd / "data"
+    before = snapshot(data)
+    # SIGTERM once the report stage starts: after the warehouse load has committed.
+    proc = cli("run", "all", "--input", str(second.zip_path), "--out", "data",
+               env={"HEALTHDELTA_TEST_FAULT": "report:1:TERM"})
+    assert_one_error_line(proc)
+    after = snapshot(data)
+    for rel in ("state/runs.json", "state/LAST_RUN"):
+        assert after[rel] == before[rel]
+    con = duckdb.connect(str(data / "warehouse.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
+    con.close()
+    ok = kv(cli("run", "all", "--input", str(second.zip_path), "--out", "data", check=True).stdout)
+    assert ok["status"] == "created"
+
+
+def test_demo(cli):
+    out = kv(cli("demo", "--out", "demo", check=True).stdout)
+    assert out["export_1_status"] == out["export_2_status"] == "created"
+    assert (cli.cwd / out["report"]).is_file()
+    again = kv(cli("demo", "--out", "demo", check=True).stdout)
+    assert again == out  # starts afresh, same run ids: the demo is deterministic
+    (cli.cwd / "mine").mkdir()
+    (cli.cwd / "mine" / "keep.txt").write_text("x")
+    assert_one_error_line(cli("demo", "--out", "mine"), code=2)
+    assert (cli.cwd / "mine" / "keep.txt").exists()
