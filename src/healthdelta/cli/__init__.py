@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     signal.signal(signal.SIGTERM, _terminate)
+    # A shell starts background jobs with SIGINT ignored; Ctrl-C/SIGINT must still
+    # unwind a run cleanly, so install Python's handler explicitly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = cli.main(args=args, prog_name="healthdelta", standalone_mode=False)
     except click.exceptions.Exit as exc:
