@@ -8,8 +8,10 @@ checked against any fingerprint taken before (an export edited mid-run is refuse
 from __future__ import annotations
 
 import json
+import lzma
 import shutil
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,10 +151,10 @@ def _extract_zip(inp: ExportInput, source: Path, progress: ProgressFn):
                 if rel is None:
                     ignored += 1
                     continue
-                with zf.open(f.relpath) as member:
+                target = _target(source, rel)
+                with _ZipMember(zf, f.relpath) as member:
                     sha, size = copy_hashing(
-                        member, _target(source, rel), progress=progress, stage="extracting",
-                        total=total, limit=f.size,
+                        member, target, progress=progress, stage="extracting", total=total, limit=f.size,
                     )
                 staged.append(StagedFile(rel, size, sha))
     except zipfile.BadZipFile:
@@ -160,6 +162,41 @@ def _extract_zip(inp: ExportInput, source: Path, progress: ProgressFn):
     except (EOFError, ValueError, NotImplementedError):
         raise InputError("the zip archive is corrupt or uses an unsupported compression") from None
     return staged, ignored
+
+
+# What a damaged member raises while it is read, besides BadZipFile (a failed CRC,
+# reported as such by the caller): zlib/lzma errors from a corrupt stream, OSError
+# from a header offset pointing outside the file (or bz2's "Invalid data stream").
+_MEMBER_READ_ERRORS = (zlib.error, lzma.LZMAError, OSError)
+
+
+class _ZipMember:
+    """A zip member opened for reading whose read-side failures become InputError.
+
+    Kept apart from the copy's write side on purpose: an OSError while *writing* the
+    staged copy (disk full, read-only) must reach the user as what it is, while one
+    while *reading* the archive means the archive is damaged.
+    """
+
+    def __init__(self, zf: zipfile.ZipFile, name: str) -> None:
+        self._zf, self._name, self._fh = zf, name, None
+
+    def __enter__(self) -> "_ZipMember":
+        try:
+            self._fh = self._zf.open(self._name)
+        except _MEMBER_READ_ERRORS:
+            raise InputError("the zip archive is corrupt (a member cannot be read)") from None
+        return self
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._fh.read(n)
+        except _MEMBER_READ_ERRORS:
+            raise InputError("the zip archive is corrupt (a member cannot be read)") from None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh is not None:
+            self._fh.close()
 
 
 def _check_zip_unchanged(inp: ExportInput) -> None:

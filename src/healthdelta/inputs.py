@@ -144,7 +144,7 @@ def _detect_zip(path: Path) -> ExportInput:
         raise InputError("input cannot be read (permission denied)") from None
     except (OSError, EOFError, ValueError, NotImplementedError):
         raise InputError("input zip archive cannot be read (corrupt)") from None
-    files = check_zip_members(infos)
+    files = check_zip_members(infos, archive_size=path.stat().st_size)
     roots = sorted(
         f.relpath[: -len(EXPORT_XML)] for f in files
         if f.relpath == EXPORT_XML or (f.relpath.endswith("/" + EXPORT_XML) and f.relpath.count("/") == 1)
@@ -168,11 +168,21 @@ def check_member_name(name: str) -> str:
         raise InputError("the zip archive contains a member with an absolute path; refusing to extract")
     if ".." in PurePosixPath(name).parts:
         raise InputError("the zip archive contains a member path with '..'; refusing to extract")
+    # `a/./b`, `a//b` or `.` would land on the same file as another member (or on the
+    # extraction dir itself); Apple never writes them.
+    parts = (name[:-1] if name.endswith("/") else name).split("/")
+    if any(part in ("", ".") for part in parts):
+        raise InputError("the zip archive contains a member with an invalid name; refusing to extract")
     return name
 
 
-def check_zip_members(infos: list[zipfile.ZipInfo]) -> list[InputFile]:
-    """Validate every member (names, links, encryption, sizes) before anything is extracted."""
+def check_zip_members(infos: list[zipfile.ZipInfo], archive_size: int | None = None) -> list[InputFile]:
+    """Validate every member (names, links, encryption, sizes) before anything is extracted.
+
+    `archive_size` (bytes of the zip file) adds a bound on the whole archive's ratio:
+    many members just under the per-member threshold, or members sharing one
+    compressed stream (overlapping entries), expand far beyond what the file holds.
+    """
     if len(infos) > MAX_MEMBERS:
         raise InputError(f"the zip archive has more than {MAX_MEMBERS} members; refusing (possible zip bomb)")
     files: list[InputFile] = []
@@ -196,7 +206,15 @@ def check_zip_members(infos: list[zipfile.ZipInfo]) -> list[InputFile]:
         if info.file_size > RATIO_MIN_BYTES and info.file_size > MAX_RATIO * max(info.compress_size, 1):
             raise InputError("the zip archive has a member with an extreme compression ratio; refusing (possible zip bomb)")
         files.append(InputFile(name, info.file_size))
+    if archive_size is not None and total > RATIO_MIN_BYTES and total > MAX_RATIO * max(archive_size, 1):
+        raise InputError(
+            f"the zip archive expands to more than {MAX_RATIO} times its size; refusing (possible zip bomb)"
+        )
     files.sort(key=lambda f: f.relpath)
+    # A member that is also another member's folder (`x` and `x/y`) cannot be extracted.
+    folders = {rel[:i] for rel in seen for i in range(len(rel)) if rel[i] == "/"}
+    if not folders.isdisjoint(seen):
+        raise InputError("the zip archive contains a file and a folder with the same name; refusing to extract")
     return files
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from healthdelta.errors import InputError
+
 # Apple writes e.g. `<<HKDevice: 0x283a1c7d0>, name:Apple Watch, ...>`; the pointer
 # differs between exports of the very same sample.
 _DEVICE_POINTER = re.compile(r"0x[0-9a-fA-F]+")
@@ -26,9 +28,21 @@ def strip_device_pointer(device: str) -> str:
     return _DEVICE_POINTER.sub("0x", device)
 
 
+class RecordTooDeep(InputError, orjson.JSONEncodeError):
+    """A record nested deeper than the canonical encoding allows (orjson stops at 255
+    levels). An InputError, so the user gets one clear line instead of an internal
+    error; still an orjson.JSONEncodeError, so parsers that catch that to say more
+    precisely what was too deep keep doing so."""
+
+
 def canonical_bytes(value: Any) -> bytes:
     """Canonical JSON: sorted keys, compact, UTF-8."""
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError as exc:
+        if "recursion" in str(exc).lower():
+            raise RecordTooDeep("a record of the export is nested too deeply (more than 255 levels)") from None
+        raise
 
 
 def record_key(source: str, kind: str, content: Any) -> str:

@@ -10,6 +10,8 @@ leftovers (it holds the state lock, so nobody else owns them).
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -17,7 +19,7 @@ from typing import Callable, Literal
 from healthdelta import deid, export, identity, ingest, registry
 from healthdelta.errors import InputError, UsageError
 from healthdelta.fingerprint import Fingerprint, run_id as compute_run_id
-from healthdelta.fsutil import StateLock, WorkDir, atomic_write_json, remove_orphan_tmp_dirs
+from healthdelta.fsutil import StateLock, WorkDir, atomic_write_json, fsync_dir, remove_orphan_tmp_dirs
 from healthdelta.inputs import ExportInput, detect_input
 from healthdelta.layout import OutLayout
 from healthdelta.progress import ProgressFn, no_progress
@@ -54,8 +56,39 @@ class PipelineResult:
 
 
 # Stages that run after the NDJSON stage and before registration (`run all`'s warehouse
-# and reports): (run_id, parent_run_id, artifacts, stages) -> None, filling in both dicts.
-LaterStages = Callable[[str, "str | None", dict, dict], None]
+# and reports): (run_id, parent_run_id, artifacts, stages, identity_dir) -> None,
+# filling in artifacts and stages.
+LaterStages = Callable[[str, "str | None", dict, dict, Path], None]
+
+
+class IdentityWork(WorkDir):
+    """A work copy of `<state>/identity/` for one run.
+
+    `commit` moves each changed file into the real store by rename (modes such as the
+    secret's 0600 travel with the file); leaving without commit drops the copy.
+    """
+
+    def __init__(self, layout: OutLayout) -> None:
+        super().__init__(layout.state, "identity")
+        self.final = layout.identity
+
+    def __enter__(self) -> "IdentityWork":
+        super().__enter__()
+        os.chmod(self.path, 0o700)  # holds PII, like the store itself
+        if self.final.is_dir():
+            shutil.copytree(self.final, self.path, dirs_exist_ok=True, copy_function=shutil.copy2)
+        return self
+
+    def commit(self) -> None:  # type: ignore[override]
+        self.final.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for src in sorted(self.path.iterdir()):
+            if not src.is_file():
+                continue
+            dst = self.final / src.name
+            if dst.is_file() and dst.read_bytes() == src.read_bytes():
+                continue
+            os.replace(src, dst)
+        fsync_dir(self.final)
 
 
 def run_pipeline(opts: PipelineOptions, progress: ProgressFn = no_progress,
@@ -118,16 +151,25 @@ def _run_locked(opts: PipelineOptions, progress: ProgressFn, later: LaterStages 
                 "ignored_files": staged.ignored_files,
             },
         }
-        staging_dir = work.commit(layout.staging_dir(run_id))
+        # The staged copy and the identity store stay work copies until registration:
+        # a run that fails or is killed leaves neither behind (CONTRACT §4).
+        with IdentityWork(layout) as identity_work:
+            return _after_staging(opts, progress, later, layout, inp, staged, stages, work, run_id,
+                                  parent_id, cleaned, identity_work)
 
+
+def _after_staging(opts, progress, later, layout, inp, staged, stages, staging_work: WorkDir, run_id, parent_id,
+                   cleaned, identity_work: "IdentityWork") -> PipelineResult:
+    staging_dir = staging_work.path
+    identity_dir = identity_work.path
     # CONTRACT §8: the owner of the HealthKit data; provisional (per run) when unsafe to say.
-    ident = identity.resolve_run(layout.identity, staging_dir, run_id)
+    ident = identity.resolve_run(identity_dir, staging_dir, run_id)
     stages["identity"] = ident.as_report()
     person_id, ndjson_source, deid_dir = ident.owner_person_id, staging_dir, None
     if opts.mode == "share" and not opts.skip_deid:
         # CONTRACT §9: share-mode NDJSON is exported from the de-identified copy only.
         with WorkDir(layout.deid, run_id) as work:
-            deidentified = deid.deidentify_run(staging_dir, work.path, layout.identity,
+            deidentified = deid.deidentify_run(staging_dir, work.path, identity_dir,
                                                date_shift=opts.date_shift, keep_routes=opts.keep_routes,
                                                progress=progress)
             deid_dir = work.commit(layout.deid / run_id)
@@ -148,15 +190,17 @@ def _run_locked(opts: PipelineOptions, progress: ProgressFn, later: LaterStages 
         "removed": sum(d["removed"] for d in exported.delta.values()),
         "parse": exported.report,
     }
+    final_staging = layout.staging_dir(run_id)
     artifacts = {
-        "staging_dir": layout.rel(staging_dir),
-        "run_report": layout.rel(staging_dir / "run_report.json"),
+        "staging_dir": layout.rel(final_staging),
+        "run_report": layout.rel(final_staging / "run_report.json"),
         "ndjson_dir": layout.rel(layout.ndjson / run_id),
     }
     if deid_dir is not None:
         artifacts["deid_dir"] = layout.rel(deid_dir)
     if later is not None:
-        later(run_id, parent_id, artifacts, stages)
+        later(run_id, parent_id, artifacts, stages, identity_dir)
+    staging_dir = staging_work.commit(final_staging)
     report_path = staging_dir / "run_report.json"
     atomic_write_json(report_path, {
         "schema_version": REPORT_SCHEMA_VERSION,
@@ -167,6 +211,7 @@ def _run_locked(opts: PipelineOptions, progress: ProgressFn, later: LaterStages 
         "stages": stages,
         "finished_at": registry.utc_now(),
     })
+    identity_work.commit()
     registry.register_run(
         layout.state,
         run_id=run_id,
@@ -284,7 +329,8 @@ def run_all(opts: PipelineOptions, progress: ProgressFn = no_progress) -> Pipeli
 
     layout = opts.layout
 
-    def warehouse_and_reports(run_id: str, parent_id: str | None, artifacts: dict, stages: dict) -> None:
+    def warehouse_and_reports(run_id: str, parent_id: str | None, artifacts: dict, stages: dict,
+                              identity_dir: Path) -> None:
         registered = set(registry.read_registry(layout.state).runs)
         if layout.warehouse.exists():
             stale = [r for r in warehouse.loaded_runs(layout.warehouse) if r not in registered]
@@ -293,7 +339,7 @@ def run_all(opts: PipelineOptions, progress: ProgressFn = no_progress) -> Pipeli
         entry = {"run_id": run_id, "parent_run_id": parent_id, "mode": opts.mode, "created_at": registry.utc_now()}
         loaded = warehouse.load_run(layout.warehouse, layout.ndjson / run_id, entry, progress=progress)
         try:
-            labels = share_person_labels(layout) if opts.mode == "share" else None
+            labels = share_person_labels(identity_dir) if opts.mode == "share" else None
             built = report.build_report(layout.warehouse, layout.reports / run_id, mode=opts.mode, run_id=run_id,
                                         person_labels=labels, progress=progress)
         except BaseException:
@@ -309,6 +355,6 @@ def run_all(opts: PipelineOptions, progress: ProgressFn = no_progress) -> Pipeli
     return run_pipeline(opts, progress, later=warehouse_and_reports)
 
 
-def share_person_labels(layout: OutLayout) -> dict[str, str]:
+def share_person_labels(identity_dir: Path) -> dict[str, str]:
     """Share-mode rows carry `patient-N` ids; the report shows their `Patient N` labels."""
-    return {deid.share_person_id(label): label for label in identity.share_labels(layout.identity).values()}
+    return {deid.share_person_id(label): label for label in identity.share_labels(identity_dir).values()}

@@ -40,6 +40,7 @@ Entities are never resolved, no DTD is loaded, nothing is fetched from the netwo
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -420,14 +421,25 @@ _INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
 
+# What the NDJSON encoder (orjson) can write as a JSON integer.
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
+
+
 def _number(text: str | None) -> int | float | None:
+    """The numeric value, or None. Out of range (an integer past 64 bits, which also
+    spares int() Python's 4300-digit limit, or a float that overflows) is None too:
+    the statement's element tree keeps the text as written."""
     if text is None:
         return None
     text = text.strip()
     if _INT.fullmatch(text):
-        return int(text)
+        if len(text.lstrip("+-").lstrip("0")) > 20:
+            return None
+        number = int(text)
+        return number if _INT_MIN <= number <= _INT_MAX else None
     if _FLOAT.fullmatch(text):
-        return float(text)
+        value = float(text)
+        return value if math.isfinite(value) else None
     return None
 
 

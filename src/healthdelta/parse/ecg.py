@@ -402,7 +402,10 @@ def parse_birth_date(text: str | None) -> str | None:
         return None
     folded = _fold(text)
     iso = re.fullmatch(r"(\d{4})-(\d{1,2})-(\d{1,2})", folded)
-    numbers = [int(n) for n in re.findall(r"\d+", folded)]
+    runs = re.findall(r"\d+", folded)
+    if any(len(n) > 8 for n in runs):  # not a date (and int() refuses > 4300 digits)
+        return None
+    numbers = [int(n) for n in runs]
     words = [w for w in re.findall(r"[^\W\d_]+", folded) if w in _MONTHS]
     year = month = day = None
     if iso:

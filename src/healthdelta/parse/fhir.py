@@ -169,6 +169,8 @@ def normalise_fhir_version(value: str | None) -> str | None:
 def guess_fhir_version(resource: dict[str, Any]) -> str | None:
     """`"DSTU2"`, `"R4"` or None (no telling field) from the shape of one resource."""
     kind = resource.get("resourceType")
+    if not isinstance(kind, str):  # damaged files: a list or object here is unhashable
+        kind = None
     dstu2 = r4 = 0
     if kind in _DSTU2_ONLY_TYPES:
         dstu2 += 2
