@@ -697,6 +697,8 @@ _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1  # what orjson can encode
 
 def to_number(v: str) -> int | float | str:
     """'72' -> 72, '0.5' -> 0.5; anything else (NaN, inf, '1_000', huge ints) stays a string."""
+    if len(v) > 40:
+        return v  # no 64-bit number is that long; int() of 4,300+ digits would even raise
     if v.isdigit():
         if v.isascii():
             n = int(v)
