@@ -324,21 +324,18 @@ class Scrubber:
         return _REPLACE[kind]
 
     def text(self, text: str) -> str:
-        found = self._text_cache.get(text)
-        if found is None:
-            found = self._text_re.sub(self._sub, text) if text.strip() else text
-            if len(self._text_cache) >= _CACHE_MAX:
-                self._text_cache.clear()
-            self._text_cache[text] = found
-        return found
+        return self._scrub(self._text_cache, self._text_re, text)
 
     def value(self, text: str) -> str:
-        found = self._value_cache.get(text)
+        return self._scrub(self._value_cache, self._value_re, text)
+
+    def _scrub(self, cache: dict[str, str], pattern: "re.Pattern[str]", text: str) -> str:
+        found = cache.get(text)
         if found is None:
-            found = self._value_re.sub(self._sub, text) if text.strip() else text
-            if len(self._value_cache) >= _CACHE_MAX:
-                self._value_cache.clear()
-            self._value_cache[text] = found
+            found = pattern.sub(self._sub, text) if text.strip() else text
+            if len(cache) >= _CACHE_MAX:
+                cache.clear()
+            cache[text] = found
         return found
 
     # -- device and source names

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from healthdelta import deid, identity, registry, share
+from healthdelta import deid, identity, ingest, registry, share
 from healthdelta.cli.options import cli, global_options, lock_timeout_option, make_progress, notice
 from healthdelta.errors import InputError, UsageError
 from healthdelta.fsutil import StateLock, WorkDir
@@ -22,14 +22,8 @@ def _state_for(out: Path, state: Path | None) -> Path:
 
 
 def _run_id_of(run_dir: Path) -> str:
-    try:
-        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError("the run directory has no manifest.json (not a staged run)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError("the run directory's manifest.json is damaged") from None
-    run_id = manifest.get("run_id") if isinstance(manifest, dict) else None
-    if not isinstance(run_id, str) or not registry.is_run_id(run_id):
+    run_id = ingest.read_manifest(run_dir)["run_id"]
+    if not registry.is_run_id(run_id):
         raise InputError("the run directory's manifest.json is damaged")
     return run_id
 
