@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from healthdelta.errors import InputError
 from healthdelta.parse.report import ParseReport
 
 # Each export.xml range should be big enough to amortise a task, small enough
@@ -61,8 +62,12 @@ def iter_task(run_dir: Path, task: ParseTask, report: ParseReport,
     if task.kind == "export_xml":
         from healthdelta.parse.healthkit import iter_healthkit
 
-        yield from iter_healthkit(run_dir / task.paths[0], report, source_file=source_file(task.paths[0]),
-                                  byte_range=task.byte_range)
+        try:
+            yield from iter_healthkit(run_dir / task.paths[0], report, source_file=source_file(task.paths[0]),
+                                      byte_range=task.byte_range)
+        except RecursionError:
+            # Row and key builders recurse per nesting level; Apple's elements nest 3 deep.
+            raise InputError("export.xml is nested too deeply to be an Apple Health export") from None
         return
     for staged in task.paths:
         path, rel = run_dir / staged, source_file(staged)
