@@ -52,6 +52,7 @@ from lxml import etree
 from healthdelta.errors import InputError
 from healthdelta.keys import record_key, strip_device_pointer
 from healthdelta.parse.report import ParseReport
+from healthdelta.parse.xmlnames import local_name
 from healthdelta.parse.timefmt import from_cda
 
 HL7 = "urn:hl7-org:v3"
@@ -338,17 +339,7 @@ def _name(qname: str) -> str:
     return name
 
 
-_LOCALS: dict[Any, str] = {}
-
-
-def _local_name(element: Any) -> str:
-    tag = element.tag
-    local = _LOCALS.get(tag)
-    if local is None:
-        local = tag.rpartition("}")[2] if isinstance(tag, str) else ""
-        if len(_LOCALS) < 4096:
-            _LOCALS[tag] = local
-    return local
+_local_name = local_name
 
 
 def element_dict(element: Any) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from lxml import etree
 from healthdelta.errors import InputError
 from healthdelta.keys import record_key
 from healthdelta.parse.report import ParseReport
+from healthdelta.parse.xmlnames import local_name
 from healthdelta.parse.timefmt import from_iso, utc_seconds
 
 # IUGG mean Earth radius; the haversine distance uses a sphere of this radius.
@@ -77,17 +78,7 @@ _POINT_FIELDS = {
     "hAcc": "h_acc",
     "vAcc": "v_acc",
 }
-_LOCALS: dict[Any, str] = {}
-
-
-def _local(element: Any) -> str:
-    tag = element.tag
-    local = _LOCALS.get(tag)
-    if local is None:
-        local = tag.rpartition("}")[2] if isinstance(tag, str) else ""
-        if len(_LOCALS) < 1024:
-            _LOCALS[tag] = local
-    return local
+_local = local_name
 
 
 def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
