@@ -803,12 +803,17 @@ _CDA_SAFE_ATTRS = frozenset({"code", "codeSystem", "codeSystemName", "codeSystem
                              "xmlns", "ID", "IDREF"})
 
 
-class CdaRewriter:
+class _FileRewriter:
+    """What every per-format rewriter holds: the run context, its scrubber and the
+    owner's date shift."""
+
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.sc = ctx.scrubber
         self.shift = ctx.owner_shift
 
+
+class CdaRewriter(_FileRewriter):
     @staticmethod
     def containers(local: str, parent: str | None) -> bool:
         if parent is None or local in ("structuredBody", "section"):
@@ -908,14 +913,9 @@ def _append_text(el: Any, text: str) -> None:
         parent.text = (parent.text or "") + text
 
 
-class GpxRewriter:
+class GpxRewriter(_FileRewriter):
     """Coarse routes: coordinates rounded to 0.01°, times shifted, texts scrubbed,
     links and authors dropped."""
-
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.sc = ctx.scrubber
-        self.shift = ctx.owner_shift
 
     @staticmethod
     def containers(local: str, parent: str | None) -> bool:
@@ -969,11 +969,7 @@ _REF = re.compile(r"(?:^|/)(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})
 _XHTML_TAG = re.compile(r"(<[^>]*>)")
 
 
-class FhirRewriter:
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.sc = ctx.scrubber
-
+class FhirRewriter(_FileRewriter):
     def file(self, src: Path, dst: Path) -> None:
         import orjson
 
@@ -1177,14 +1173,9 @@ def _fold_label(text: str) -> str:
     return " ".join(fold_accents(text.replace("\u2019", "'")).casefold().split())
 
 
-class EcgRewriter:
+class EcgRewriter(_FileRewriter):
     """Header lines: name -> the owner's label, birth date emptied, recorded date shifted,
     anything else scrubbed; sample lines copied unchanged."""
-
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.sc = ctx.scrubber
-        self.shift = ctx.owner_shift
 
     def file(self, src: Path, dst: Path) -> None:
         with open(src, "rb") as fh:
