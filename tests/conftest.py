@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED_FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "apple-sample-export"
+# Apple's public sample Health Records export, carried by the project so a fresh clone tests alone.
+SHARED_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "apple-sample-export"
 
 MINI_XML = """<?xml version="1.0" encoding="UTF-8"?>
 <!DOCTYPE HealthData [

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import SHARED_FIXTURE
 from healthdelta import identity, pipeline, synth
 from healthdelta.identity import (
     Cluster,
@@ -218,9 +219,7 @@ def test_owner_without_evidence_is_provisional(tmp_path):
 
 
 def test_real_sample_export_resolves(tmp_path):
-    fixture = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "apple-sample-export"
-    if not fixture.is_dir():
-        pytest.skip("shared fixture not present")
+    fixture = SHARED_FIXTURE
     rid, d = pipeline.ingest_only(fixture / "apple_health_export", tmp_path / "staging")
     result = identity.resolve_run(tmp_path / "identity", d, rid)
     # Me's birth date differs from the sample account's Patient: two people, the owner anchored

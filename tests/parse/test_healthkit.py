@@ -17,8 +17,7 @@ from healthdelta.keys import record_key, strip_device_pointer
 from healthdelta.parse.healthkit import _iter_healthkit, convert_date, iter_healthkit, plan_ranges, read_me
 from healthdelta.parse.report import ParseReport
 
-FIXTURE_XML = (Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "apple-sample-export"
-               / "apple_health_export" / "export.xml")
+FIXTURE_XML = Path(__file__).resolve().parents[1] / "fixtures" / "apple-sample-export" / "apple_health_export" / "export.xml"
 
 PROLOG = '<?xml version="1.0" encoding="UTF-8"?>\n'
 GOOD_DTD = """<!DOCTYPE HealthData [
