@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv bench docs clean
+.PHONY: demo test venv bench docs clean wheel-check
 
 venv: $(STAMP)
 
@@ -27,5 +27,16 @@ bench: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python tools/gen_cli_docs.py docs/cli.md
 
+# What `pipx install .` / `uv tool install .` give a user: a wheel built from the repo, in an
+# environment of its own, running the demo and the printed next step.
+WHEEL_DIR := build/wheel-check
+wheel-check: $(STAMP)
+	rm -rf $(WHEEL_DIR)
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir $(WHEEL_DIR)/dist .
+	$(PYTHON) -m venv $(WHEEL_DIR)/venv
+	$(WHEEL_DIR)/venv/bin/python -m pip install --quiet $(WHEEL_DIR)/dist/*.whl
+	cd $(WHEEL_DIR) && PATH="$$PWD/venv/bin:$$PATH" healthdelta demo --out demo --progress never > demo.txt
+	cd $(WHEEL_DIR) && PATH="$$PWD/venv/bin:$$PATH" sh -c "$$(sed -n 's/^next: //p' demo.txt)"
+
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out .pytest_cache build

@@ -43,7 +43,7 @@ def two_runs(cli, synth_pair):
 def test_counts_equal_what_was_planted(two_runs, synth_pair):
     data, a, b = two_runs
     for run, export in ((a, synth_pair[0]), (b, synth_pair[1])):
-        ndjson = data / run["ndjson_dir"]
+        ndjson = data.parent / run["ndjson_dir"]
         counts = {s: len((ndjson / f"{s}.ndjson").read_bytes().splitlines()) for s in STREAMS}
         assert counts == expected_counts(export.counts)
         rows = read_ndjson(ndjson / "observations.ndjson")
@@ -70,22 +70,22 @@ def test_counts_equal_what_was_planted(two_runs, synth_pair):
 
 def test_next_export_delta_is_exactly_the_new_records(two_runs, synth_pair):
     data, a, b = two_runs
-    delta = json.loads((data / b["ndjson_dir"] / "delta.json").read_text())
+    delta = json.loads((data.parent / b["ndjson_dir"] / "delta.json").read_text())
     assert delta["parent_run_id"] == a["run_id"] and delta["removed"] == 0
     before = expected_counts(synth_pair[0].counts)
     after = expected_counts(synth_pair[1].counts)
     for stream in STREAMS:
         assert delta["streams"][stream]["added"] == after[stream] - before[stream], stream
         assert delta["streams"][stream]["removed"] == 0
-    old = {r["record_key"] for r in read_ndjson(data / a["ndjson_dir"] / "observations.ndjson")}
-    new = read_ndjson(data / b["ndjson_dir"] / "observations.ndjson")
-    added = read_ndjson(data / b["ndjson_dir"] / "added" / "observations.ndjson")
+    old = {r["record_key"] for r in read_ndjson(data.parent / a["ndjson_dir"] / "observations.ndjson")}
+    new = read_ndjson(data.parent / b["ndjson_dir"] / "observations.ndjson")
+    added = read_ndjson(data.parent / b["ndjson_dir"] / "added" / "observations.ndjson")
     assert {r["record_key"] for r in added} == {r["record_key"] for r in new} - old
     assert sum(1 for r in added if r["source"] == "healthkit") == 120
-    first = json.loads((data / a["ndjson_dir"] / "delta.json").read_text())
+    first = json.loads((data.parent / a["ndjson_dir"] / "delta.json").read_text())
     assert first["parent_run_id"] is None and first["added"] == sum(before.values())
     # The generator rewrote every device pointer in the next export; keys did not move.
-    old_devices = {r.get("device") for r in read_ndjson(data / a["ndjson_dir"] / "observations.ndjson")}
+    old_devices = {r.get("device") for r in read_ndjson(data.parent / a["ndjson_dir"] / "observations.ndjson")}
     assert not old_devices & {r.get("device") for r in new if r.get("device")}
 
 
@@ -93,12 +93,12 @@ def test_zip_and_folder_give_the_same_rows_and_bytes_on_rerun(cli, synth_pair, t
     first = synth_pair[0]
     z = kv(cli("pipeline", "run", "--input", str(first.zip_path), "--out", "z", check=True).stdout)
     f = kv(cli("pipeline", "run", "--input", str(first.export_dir), "--out", "f", check=True).stdout)
-    staged = f"f/{f['staging_dir']}"
+    staged = f["staging_dir"]
     e1 = kv(cli("export", "ndjson", "--input", staged, "--out", "e1", check=True).stdout)
     e2 = kv(cli("export", "ndjson", "--input", staged, "--out", "e2", check=True).stdout)
     for stream in STREAMS:
-        zrows = read_ndjson(tmp_path / "z" / z["ndjson_dir"] / f"{stream}.ndjson")
-        frows = read_ndjson(tmp_path / "f" / f["ndjson_dir"] / f"{stream}.ndjson")
+        zrows = read_ndjson(tmp_path / z["ndjson_dir"] / f"{stream}.ndjson")
+        frows = read_ndjson(tmp_path / f["ndjson_dir"] / f"{stream}.ndjson")
         assert [r["record_key"] for r in zrows] == [r["record_key"] for r in frows]
         assert [{**r, "run_id": None, "canonical_person_id": None} for r in zrows] == \
                [{**r, "run_id": None, "canonical_person_id": None} for r in frows]
@@ -111,7 +111,7 @@ def test_zip_and_folder_give_the_same_rows_and_bytes_on_rerun(cli, synth_pair, t
 def test_real_sample_export_parses(cli):
     out = kv(cli("pipeline", "run", "--input", str(SHARED_FIXTURE / "export.zip"), "--out", "data",
                  check=True).stdout)
-    ndjson = cli.cwd / "data" / out["ndjson_dir"]
+    ndjson = cli.cwd / out["ndjson_dir"]
     report = json.loads((ndjson / "export_report.json").read_text())
     files = list((SHARED_FIXTURE / "apple_health_export" / "clinical-records").glob("*.json"))
     assert report["parse"]["elements"]["ClinicalRecord"] > 0
@@ -123,7 +123,7 @@ def test_real_sample_export_parses(cli):
 def test_validate_catches_every_error_code(cli, two_runs, tmp_path):
     data, a, _ = two_runs
     bad = tmp_path / "bad"
-    shutil.copytree(data / a["ndjson_dir"], bad)
+    shutil.copytree(data.parent / a["ndjson_dir"], bad)
     obs = bad / "observations.ndjson"
     lines = obs.read_bytes().splitlines()
     row = json.loads(lines[0])

@@ -47,15 +47,15 @@ def test_first_run_noop_and_child(cli, tmp_path):
     out = kv(first.stdout)
     fp = seed_fingerprint(inp)
     assert out["run_id"] == seed_run_id(None, fp)
-    assert out["staging_dir"] == f"staging/{out['run_id']}"
-    assert out["run_report"] == f"staging/{out['run_id']}/run_report.json"
+    assert out["staging_dir"] == f"data/staging/{out['run_id']}"  # usable from where the command ran
+    assert out["run_report"] == f"data/staging/{out['run_id']}/run_report.json"
     data = tmp_path / "data"
     assert (data / "state" / "LAST_RUN").read_text() == out["run_id"] + "\n"
     runs = json.loads((data / "state" / "runs.json").read_text())
     entry = runs["runs"][out["run_id"]]
     assert entry["input_fingerprint"] == {"algorithm": "sha256", "sha256": fp, "file_count": 5,
                                           "total_bytes": sum(p.stat().st_size for p in inp.rglob("*") if p.is_file())}
-    assert entry["parent_run_id"] is None and entry["artifacts"]["staging_dir"] == out["staging_dir"]
+    assert entry["parent_run_id"] is None and "data/" + entry["artifacts"]["staging_dir"] == out["staging_dir"]
 
     before = snapshot(data)
     again = cli("pipeline", "run", "--input", str(inp), "--out", "data", check=True)
@@ -87,7 +87,7 @@ def test_first_run_noop_and_child(cli, tmp_path):
 
 def test_staging_contents(cli, tmp_path, mini_export):
     out = kv(cli("pipeline", "run", "--input", str(mini_export), "--out", "data", check=True).stdout)
-    run_dir = tmp_path / "data" / out["staging_dir"]
+    run_dir = tmp_path / out["staging_dir"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["input"] == {"form": "parent_folder", "path_redacted": True}
     for f in manifest["files"]:
@@ -110,11 +110,11 @@ def test_zip_folder_and_wrapped_folder_stage_the_same_files(cli, tmp_path):
     staged = []
     for i, inp in enumerate([z, export, parent]):
         out = kv(cli("pipeline", "run", "--input", str(inp), "--out", f"d{i}", check=True).stdout)
-        manifest = json.loads((tmp_path / f"d{i}" / out["staging_dir"] / "manifest.json").read_text())
+        manifest = json.loads((tmp_path / out["staging_dir"] / "manifest.json").read_text())
         staged.append(manifest["files"])
     assert staged[0] == staged[1] == staged[2]
     zfp = hashlib.sha256(z.read_bytes()).hexdigest()
-    expected = hashlib.sha256(f"export.zip\0{z.stat().st_size}\0{zfp}\n".encode()).hexdigest()
+    expected = hashlib.sha256(f"file\0{z.stat().st_size}\0{zfp}\n".encode()).hexdigest()
     runs = json.loads((tmp_path / "d0" / "state" / "runs.json").read_text())
     assert [e["input_fingerprint"]["sha256"] for e in runs["runs"].values()] == [expected]
 
@@ -124,7 +124,7 @@ def test_shared_real_sample_export(cli, form):
     inp = {"zip": SHARED_FIXTURE / "export.zip", "folder": SHARED_FIXTURE / "apple_health_export",
            "parent": SHARED_FIXTURE}[form]
     out = kv(cli("pipeline", "run", "--input", str(inp), "--out", "data", check=True).stdout)
-    manifest = json.loads((cli.cwd / "data" / out["staging_dir"] / "manifest.json").read_text())
+    manifest = json.loads((cli.cwd / out["staging_dir"] / "manifest.json").read_text())
     assert manifest["counts"]["by_kind"]["export_xml"] == 1
     assert manifest["counts"]["by_kind"]["clinical_json"] >= 30
     assert "no changes detected" in cli("pipeline", "run", "--input", str(inp), "--out", "data").stdout

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 
 import duckdb
 
@@ -15,25 +17,26 @@ def test_run_all_two_exports_then_noop(cli, synth_pair):
     a = kv(cli("run", "all", "--input", str(first.zip_path), "--out", "data", check=True).stdout)
     assert a["status"] == "created"
     for key in ("staging_dir", "ndjson_dir", "run_report", "warehouse", "reports_dir"):
-        assert not a[key].startswith("/") and (cli.cwd / "data" / a[key]).exists(), key
+        assert a[key].startswith("data/") and (cli.cwd / a[key]).exists(), key
     b = kv(cli("run", "all", "--input", str(second.zip_path), "--out", "data", check=True).stdout)
     data = cli.cwd / "data"
-    report = json.loads((data / b["run_report"]).read_text())
+    report = json.loads((data.parent / b["run_report"]).read_text())
     assert report["stages"]["warehouse"]["load_mode"] == "delta"
     assert report["stages"]["warehouse"]["inserted"] == json.loads(
-        (data / b["ndjson_dir"] / "delta.json").read_text())["added"]
+        (data.parent / b["ndjson_dir"] / "delta.json").read_text())["added"]
     con = duckdb.connect(str(data / "warehouse.duckdb"), read_only=True)
     total, distinct = con.execute(
         "SELECT count(*), count(DISTINCT record_key) FROM observations").fetchone()
-    assert total == distinct == len((data / b["ndjson_dir"] / "observations.ndjson").read_bytes().splitlines())
+    assert total == distinct == len((data.parent / b["ndjson_dir"] / "observations.ndjson").read_bytes().splitlines())
     assert sorted(r[0] for r in con.execute("SELECT run_id FROM runs").fetchall()) == sorted(
         [a["run_id"], b["run_id"]])
     con.close()
-    assert (data / b["reports_dir"] / "report.html").stat().st_size > 0
+    assert (data.parent / b["reports_dir"] / "report.html").stat().st_size > 0
 
     before = snapshot(data)
     again = cli("run", "all", "--input", str(second.zip_path), "--out", "data", check=True)
-    assert again.stdout.splitlines() == ["no changes detected", "status=no_changes", f"run_id={b['run_id']}"]
+    assert again.stdout.splitlines() == ["no changes detected", "status=no_changes", f"run_id={b['run_id']}",
+                                         f"report=data/reports/{b['run_id']}/report.html"]
     assert snapshot(data) == before  # no file touched: bytes and mtimes
 
 
@@ -57,9 +60,15 @@ def test_run_all_failure_in_reports_leaves_registry_and_warehouse(cli, synth_pai
 
 
 def test_demo(cli):
-    out = kv(cli("demo", "--out", "demo", check=True).stdout)
+    proc = cli("demo", "--out", "demo", check=True)
+    out = kv(proc.stdout)
     assert out["export_1_status"] == out["export_2_status"] == "created"
     assert (cli.cwd / out["report"]).is_file()
+    # The printed next step runs as printed, from where the demo ran.
+    next_step = next(line for line in proc.stdout.splitlines() if line.startswith("next: "))
+    shown = subprocess.run(shlex.split(next_step.removeprefix("next: ")), cwd=cli.cwd, capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout, shown.stderr
     again = kv(cli("demo", "--out", "demo", check=True).stdout)
     assert again == out  # starts afresh, same run ids: the demo is deterministic
     (cli.cwd / "mine").mkdir()

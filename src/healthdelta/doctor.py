@@ -216,11 +216,13 @@ def _check_runs(layout: OutLayout, reg: registry.Registry, out: list[Finding], p
     for entry, artifacts, rel, staging_dir, files in plans:
         run_id = entry["run_id"]
         errors_before = _count_errors(out)
-        verified = _verify_staged_files(staging_dir, rel, files, out, progress, total)
+        # `run prune` removed a pruned run's staged export and de-identified copy on purpose.
+        pruned = bool(entry.get("pruned"))
+        verified = 0 if pruned else _verify_staged_files(staging_dir, rel, files, out, progress, total)
         if not (staging_dir / "layout.json").is_file():
             out.append(Finding("error", "layout_missing", f"{rel}/layout.json"))
         for name, art in sorted(artifacts.items()):
-            if name == "staging_dir":
+            if name == "staging_dir" or (pruned and name == "deid_dir"):
                 continue
             art_rel = _safe_rel(art)
             if art_rel is None:
@@ -230,7 +232,8 @@ def _check_runs(layout: OutLayout, reg: registry.Registry, out: list[Finding], p
             elif name == "ndjson_dir" and not (layout.out / art_rel / "delta.json").is_file():
                 out.append(Finding("error", "ndjson_incomplete", art_rel, "no delta.json"))
         if _count_errors(out) == errors_before:
-            out.append(Finding("ok", "run", _p(run_id), f"{verified} staged file(s) verified"))
+            detail = "pruned: staged copy removed" if pruned else f"{verified} staged file(s) verified"
+            out.append(Finding("ok", "run", _p(run_id), detail))
 
 
 def _count_errors(out: list[Finding]) -> int:

@@ -983,6 +983,15 @@ class RunOwner:
     fhir_subjects: dict[str, str]
 
 
+def run_owners(identity_dir: Path) -> dict[str, str]:
+    """run_id -> owner person id for every run the store resolved ({} without a store)."""
+    try:
+        store = Store.open(identity_dir)
+    except StateError:
+        return {}
+    return {rid: o["owner_person_id"] for rid, o in store.owners.items()}
+
+
 def run_owner(identity_dir: Path, run_id: str) -> RunOwner | None:
     """What `resolve_run` decided for a run, or None if the run was never resolved."""
     try:

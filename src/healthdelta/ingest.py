@@ -16,14 +16,17 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from healthdelta.errors import InputError
+from healthdelta.errors import HealthDeltaError, InputError
 from healthdelta.fingerprint import Fingerprint, input_fingerprint
 from healthdelta.fsutil import BLOCK, atomic_write_json, copy_hashing, hash_stream
 from healthdelta.inputs import ExportInput, classify
+from healthdelta.parse.healthkit import read_me
+from healthdelta.parse.timefmt import from_iso
 from healthdelta.progress import ProgressFn, no_progress
 
 SCHEMA_VERSION = 1
 SOURCE_DIR = "source"
+ZIP_ENTRY_NAME = "file"
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,9 @@ def compute_fingerprint(inp: ExportInput, progress: ProgressFn = no_progress) ->
     if inp.is_zip:
         size = inp.path.stat().st_size
         sha, size = _hash_file(inp.path, progress, size)
-        return input_fingerprint([(inp.path.name, size, sha)])
+        # The seed's formula names a zip by the literal word `file`, never by its file name:
+        # a browser saving the same export as `export (1).zip` must not make it look new.
+        return input_fingerprint([(ZIP_ENTRY_NAME, size, sha)])
     total = sum(f.size for f in inp.files)
     entries = []
     for f in inp.files:
@@ -267,3 +272,29 @@ def read_manifest(run_dir: Path) -> dict:
     ):
         raise InputError("the run directory's manifest.json is damaged")
     return manifest
+
+
+def content_sha256(manifest_files: list[dict]) -> str:
+    """Identity of what a run staged (a manifest's `files`), whatever form the input had.
+
+    A zip, the folder it unpacks to and that folder's parent have different input
+    fingerprints but stage the same files, so this is what says "the same export"."""
+    return input_fingerprint((f["path"], f["size"], f["sha256"]) for f in manifest_files).sha256
+
+
+def staged_content_sha256(staged: StagedExport) -> str:
+    return content_sha256([{"path": f"{SOURCE_DIR}/{f.path}", "size": f.size, "sha256": f.sha256}
+                           for f in staged.files])
+
+
+def export_date(run_dir: Path) -> str | None:
+    """`ExportDate` of a staged run's export.xml in UTC, or None when it has none.
+
+    A damaged head is not an error here: the parse stage reports it properly."""
+    try:
+        layout = json.loads((run_dir / "layout.json").read_text(encoding="utf-8"))
+        xml = layout.get("export_xml")
+        raw = read_me(run_dir / xml).get("ExportDate") if xml else None
+        return from_iso(raw)[0] if raw else None
+    except (HealthDeltaError, ValueError, OSError):
+        return None

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from healthdelta import deid, export, identity, ingest, registry
-from healthdelta.errors import InputError, UsageError
+from healthdelta import deid, export, identity, ingest, lineage, registry
+from healthdelta.errors import InputError, StateError, UsageError
 from healthdelta.fingerprint import Fingerprint, run_id as compute_run_id
 from healthdelta.fsutil import StateLock, WorkDir, atomic_write_json, fsync_dir, remove_orphan_tmp_dirs
 from healthdelta.inputs import ExportInput, detect_input
@@ -40,6 +40,7 @@ class PipelineOptions:
     lock_timeout: float = 0.0
     date_shift: bool = False
     keep_routes: Literal["drop", "coarse"] = "drop"
+    allow_older: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class PipelineResult:
     artifacts: dict[str, str] = field(default_factory=dict)
     cleaned: tuple[str, ...] = field(default_factory=tuple)
     identity_provisional_reason: str | None = None  # a reason code, never a name
+    delta_base_run_id: str | None = None
 
 
 # Stages that run after the NDJSON stage and before registration (`run all`'s warehouse
@@ -96,8 +98,40 @@ def run_pipeline(opts: PipelineOptions, progress: ProgressFn = no_progress,
     """Run the pipeline for one export under the state lock."""
     if opts.expected_run_id is not None and not registry.is_run_id(opts.expected_run_id):
         raise UsageError("--run-id must be 64 lowercase hex characters")
-    with StateLock(opts.layout.state, opts.lock_timeout):
-        return _run_locked(opts, progress, later)
+    created = _missing_dirs(opts.layout)
+    try:
+        with StateLock(opts.layout.state, opts.lock_timeout):
+            return _run_locked(opts, progress, later)
+    except BaseException:
+        _remove_if_untouched(opts.layout, created)
+        raise
+
+
+def _missing_dirs(layout: OutLayout) -> list[Path]:
+    """The output dirs this command would create, deepest first."""
+    missing = [d for d in (layout.out, layout.state) if not d.exists()]
+    return sorted(missing, key=lambda d: len(d.parts), reverse=True)
+
+
+def _remove_if_untouched(layout: OutLayout, created: list[Path]) -> None:
+    """A command that failed in an output dir it created leaves no trace there (a typo'd
+    `--since` must not leave `<out>/state/.lock` behind). Only empty dirs and the lock file
+    go; once anything else was written the tree is kept, for `doctor` to judge. (Unlinking
+    the lock is safe only because this command made the state dir moments ago.)"""
+    if layout.state in created:
+        (layout.state / ".lock").unlink(missing_ok=True)
+    for d in created:
+        if d.is_dir():
+            for sub in sorted(d.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                _rmdir_quietly(sub)
+        _rmdir_quietly(d)
+
+
+def _rmdir_quietly(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # not empty, not a dir, or already gone: keep it
 
 
 def clean_orphans(layout: OutLayout) -> tuple[str, ...]:
@@ -106,6 +140,31 @@ def clean_orphans(layout: OutLayout) -> tuple[str, ...]:
     for parent in (layout.out, layout.staging, layout.ndjson, layout.deid, layout.reports, layout.state):
         removed += [f"{parent.name}/{name}" for name in remove_orphan_tmp_dirs(parent)]
     return tuple(removed)
+
+
+@dataclass
+class _NewRun:
+    """What the stages after staging need to know about the run being made."""
+
+    opts: PipelineOptions
+    progress: ProgressFn
+    later: LaterStages | None
+    inp: ExportInput
+    reg: registry.Registry
+    parent: dict | None  # the registry parent `--since` selected
+    staged: ingest.StagedExport
+    staging_work: WorkDir
+    run_id: str
+    stages: dict
+    cleaned: tuple[str, ...]
+
+    @property
+    def layout(self) -> OutLayout:
+        return self.opts.layout
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.parent["run_id"] if self.parent else None
 
 
 def _run_locked(opts: PipelineOptions, progress: ProgressFn, later: LaterStages | None) -> PipelineResult:
@@ -151,23 +210,32 @@ def _run_locked(opts: PipelineOptions, progress: ProgressFn, later: LaterStages 
                 "ignored_files": staged.ignored_files,
             },
         }
+        run = _NewRun(opts, progress, later, inp, reg, parent, staged, work, run_id, stages, cleaned)
         # The staged copy and the identity store stay work copies until registration:
-        # a run that fails or is killed leaves neither behind (CONTRACT §4).
+        # a run that fails or is killed leaves neither behind.
         with IdentityWork(layout) as identity_work:
-            return _after_staging(opts, progress, later, layout, inp, staged, stages, work, run_id,
-                                  parent_id, cleaned, identity_work)
+            return _after_staging(run, identity_work)
 
 
-def _after_staging(opts, progress, later, layout, inp, staged, stages, staging_work: WorkDir, run_id, parent_id,
-                   cleaned, identity_work: "IdentityWork") -> PipelineResult:
-    staging_dir = staging_work.path
+def _after_staging(run: _NewRun, identity_work: IdentityWork) -> PipelineResult:
+    opts, layout, progress, stages, run_id = run.opts, run.layout, run.progress, run.stages, run.run_id
+    staging_dir = run.staging_work.path
     identity_dir = identity_work.path
-    # CONTRACT §8: the owner of the HealthKit data; provisional (per run) when unsafe to say.
+    # The owner of the HealthKit data; provisional (per run) when unsafe to say.
     ident = identity.resolve_run(identity_dir, staging_dir, run_id)
     stages["identity"] = ident.as_report()
+    base = _delta_base(run, ident.owner_person_id, identity_dir)
+    if base is not None and _same_content(layout, base, run.staged):
+        # The same export in another form (zip / folder / parent): nothing new to record.
+        return PipelineResult(status="no_changes", run_id=base["run_id"], cleaned=run.cleaned)
+    export_date = ingest.export_date(staging_dir)
+    if base is not None:
+        _check_not_older(layout, base, export_date, opts)
+    base_id = base["run_id"] if base else None
+
     person_id, ndjson_source, deid_dir = ident.owner_person_id, staging_dir, None
     if opts.mode == "share" and not opts.skip_deid:
-        # CONTRACT §9: share-mode NDJSON is exported from the de-identified copy only.
+        # Share-mode NDJSON is exported from the de-identified copy only.
         with WorkDir(layout.deid, run_id) as work:
             deidentified = deid.deidentify_run(staging_dir, work.path, identity_dir,
                                                date_shift=opts.date_shift, keep_routes=opts.keep_routes,
@@ -179,7 +247,7 @@ def _after_staging(opts, progress, later, layout, inp, staged, stages, staging_w
         stages["deid"] = {"status": "skipped" if opts.skip_deid else "not_requested"}
 
     exported = export.export_run(
-        ndjson_source, layout.ndjson, run_id=run_id, parent_run_id=parent_id,
+        ndjson_source, layout.ndjson, run_id=run_id, parent_run_id=base_id,
         person_id=person_id, progress=progress,
     )
     stages["ndjson"] = {
@@ -198,16 +266,17 @@ def _after_staging(opts, progress, later, layout, inp, staged, stages, staging_w
     }
     if deid_dir is not None:
         artifacts["deid_dir"] = layout.rel(deid_dir)
-    if later is not None:
-        later(run_id, parent_id, artifacts, stages, identity_dir)
-    staging_dir = staging_work.commit(final_staging)
+    if run.later is not None:
+        run.later(run_id, run.parent_id, artifacts, stages, identity_dir)
+    staging_dir = run.staging_work.commit(final_staging)
     report_path = staging_dir / "run_report.json"
     atomic_write_json(report_path, {
         "schema_version": REPORT_SCHEMA_VERSION,
         "run_id": run_id,
-        "parent_run_id": parent_id,
+        "parent_run_id": run.parent_id,
+        "delta_base_run_id": base_id,
         "mode": opts.mode,
-        "input": {"form": inp.form, "path_redacted": True, **staged.fingerprint.as_dict()},
+        "input": {"form": run.inp.form, "path_redacted": True, **run.staged.fingerprint.as_dict()},
         "stages": stages,
         "finished_at": registry.utc_now(),
     })
@@ -215,11 +284,13 @@ def _after_staging(opts, progress, later, layout, inp, staged, stages, staging_w
     registry.register_run(
         layout.state,
         run_id=run_id,
-        parent_run_id=parent_id,
-        fingerprint=staged.fingerprint.as_dict(),
+        parent_run_id=run.parent_id,
+        fingerprint=run.staged.fingerprint.as_dict(),
         artifacts=artifacts,
         note=opts.note,
         mode=opts.mode,
+        lineage={"owner_person_id": ident.owner_person_id, "delta_base_run_id": base_id,
+                 "export_date": export_date},
     )
     return PipelineResult(
         status="created",
@@ -229,9 +300,41 @@ def _after_staging(opts, progress, later, layout, inp, staged, stages, staging_w
         ndjson_dir=artifacts["ndjson_dir"],
         deid_dir=artifacts.get("deid_dir"),
         artifacts=artifacts,
-        cleaned=cleaned,
+        cleaned=run.cleaned,
         identity_provisional_reason=ident.reason if ident.provisional else None,
+        delta_base_run_id=base_id,
     )
+
+
+def _delta_base(run: _NewRun, owner: str, identity_dir: Path) -> dict | None:
+    """The latest registered run of this export's owner (or the `--since` run when it is
+    the same owner's): what the delta is taken against, never another person's run."""
+    owners = identity.run_owners(identity_dir)  # entries registered before lineage existed
+    explicit = run.parent if run.opts.since != "last" else None
+    base = lineage.delta_base(run.reg.runs.values(), owner,
+                              lambda e: e.get("owner_person_id") or owners.get(e["run_id"]), explicit)
+    if base is not None and base.get("pruned"):
+        raise StateError(f"the run this export would be compared with (run {base['run_id'][:12]}) was pruned; "
+                         "give --since with a run of the same person that was not pruned")
+    return dict(base) if base is not None else None
+
+
+def _same_content(layout: OutLayout, base: dict, staged: ingest.StagedExport) -> bool:
+    try:
+        manifest = ingest.read_manifest(layout.staging_dir(base["run_id"]))
+    except InputError:
+        return False
+    return ingest.content_sha256(manifest.get("files", [])) == ingest.staged_content_sha256(staged)
+
+
+def _check_not_older(layout: OutLayout, base: dict, export_date: str | None, opts: PipelineOptions) -> None:
+    base_date = base.get("export_date") or ingest.export_date(layout.staging_dir(base["run_id"]))
+    if lineage.is_older(export_date, base_date) and not opts.allow_older:
+        raise InputError(
+            f"this export is older than the latest run of the same person (run {base['run_id'][:12]}); "
+            "nothing was changed. To compare it with an earlier run of that person give --since RUN_ID; "
+            "to add it anyway (records newer exports hold will show as removed) give --allow-older"
+        )
 
 
 def _prepass_fingerprint(
@@ -297,6 +400,9 @@ def export_ndjson(run_dir: Path, out: Path, progress: ProgressFn = no_progress) 
     manifest = ingest.read_manifest(run_dir)
     if not (run_dir / "layout.json").is_file():
         raise InputError("the run directory has no layout.json (not a staged run)")
+    if manifest.get("files") and not (run_dir / ingest.SOURCE_DIR).is_dir():
+        raise InputError("this run was pruned (`run prune` removed its staged export); "
+                         "its records are in the warehouse and its delta files")
     run_id = manifest["run_id"]
     return export.export_run(run_dir, out, run_id=run_id, parent_run_id=manifest.get("parent_run_id"),
                              person_id=identity.provisional_person_id(run_id), progress=progress)
@@ -358,3 +464,23 @@ def run_all(opts: PipelineOptions, progress: ProgressFn = no_progress) -> Pipeli
 def share_person_labels(identity_dir: Path) -> dict[str, str]:
     """Share-mode rows carry `patient-N` ids; the report shows their `Patient N` labels."""
     return {deid.share_person_id(label): label for label in identity.share_labels(identity_dir).values()}
+
+
+def list_runs(state: Path) -> list[dict]:
+    """Registry entries oldest first, each with `person` (the identity store's label such as
+    `Patient 2`, never a name, in either mode; `provisional` for a per-run id) and
+    `is_last`, for `run list` and `run show`."""
+    reg = registry.read_registry(state)
+    last = registry.read_last_run(state)
+    owners = identity.run_owners(state / "identity")
+    try:
+        labels = identity.share_labels(state / "identity")
+    except StateError:
+        labels = {}
+    runs = []
+    for entry in reg.ordered():
+        owner = entry.get("owner_person_id") or owners.get(entry["run_id"])
+        person = labels.get(owner) or ("provisional" if owner and owner.startswith("provisional-") else None)
+        runs.append({**entry, "person": person, "is_last": entry["run_id"] == last,
+                     "children": reg.children(entry["run_id"])})
+    return runs

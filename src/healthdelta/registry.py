@@ -126,12 +126,14 @@ def register_run(
     artifacts: dict[str, str],
     note: str | None = None,
     mode: str | None = None,
+    lineage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Add or update one entry, then move LAST_RUN to it.
 
-    Idempotent: an existing entry keeps its `created_at` (CONTRACT §4: set once),
-    gains new artifacts, and takes a note only when one is given, so registering
-    the same run again leaves runs.json byte-identical.
+    Idempotent: an existing entry keeps its `created_at` (set once), its lineage
+    (`owner_person_id`, `delta_base_run_id`, `export_date`: what the run was diffed
+    against cannot change afterwards), gains new artifacts, and takes a note only when
+    one is given, so registering the same run again leaves runs.json byte-identical.
     """
     registry = read_registry(state_dir)
     existing = registry.get(run_id)
@@ -145,6 +147,7 @@ def register_run(
         "notes": None,
         "mode": mode,
         "artifacts": {},
+        **(lineage or {}),
     }
     entry["artifacts"] = {**entry.get("artifacts", {}), **artifacts}
     if note is not None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import click
 
 from healthdelta import pipeline, registry
 from healthdelta.cli.options import (
-    cli, global_options, layout_from, lock_timeout_option, make_progress, notice, out_options,
+    cli, global_options, json_option, layout_from, lock_timeout_option, make_progress, notice, out_options,
+    self_command,
 )
 
 
@@ -33,6 +36,10 @@ def run_options(f):
         click.option("--keep-routes", type=click.Choice(["drop", "coarse"]), default="drop", show_default=True,
                      help="Share mode: drop GPS tracks, or keep them coarsened to about 1 km."),
         click.option("--note", default=None, help="Free-text note stored in the registry (local only)."),
+        click.option("--allow-older", is_flag=True,
+                     help="Accept an export older than the same person's latest run (its delta then "
+                          "shows the newer records as removed)."),
+        json_option,
         lock_timeout_option,
         global_options,
     ]):
@@ -41,12 +48,31 @@ def run_options(f):
 
 
 def _options(input_path, out, state, mode, since, expected_run_id, skip_deid, date_shift, keep_routes, note,
-             lock_timeout) -> pipeline.PipelineOptions:
+             allow_older, lock_timeout, as_json=False) -> pipeline.PipelineOptions:
     return pipeline.PipelineOptions(
         input=input_path, layout=layout_from(out, state), mode=mode, since=since,
         expected_run_id=expected_run_id, skip_deid=skip_deid, note=note, lock_timeout=lock_timeout,
-        date_shift=date_shift, keep_routes=keep_routes,
+        date_shift=date_shift, keep_routes=keep_routes, allow_older=allow_older,
     )
+
+
+def _emit(summary: dict, as_json: bool, lines: tuple[str, ...] = ()) -> None:
+    """The result as `key=value` lines (preceded by any plain lines), or as one JSON object."""
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True, ensure_ascii=False))
+        return
+    for line in lines:
+        click.echo(line)
+    for key, value in summary.items():
+        click.echo(f"{key}={'' if value is None else value}")
+
+
+def _shown(layout, rel: str) -> str:
+    """An artifact path as the user can use it from here: relative to the current directory
+    when it is below it, else under `--out` as they typed it."""
+    path = layout.out / rel
+    here = os.path.relpath(path.absolute())
+    return Path(here).as_posix() if not here.startswith("..") else path.as_posix()
 
 
 def _run_with_progress(ctx, run, opts):
@@ -60,24 +86,24 @@ def _run_with_progress(ctx, run, opts):
 @pipeline_group.command("run")
 @run_options
 @click.pass_context
-def pipeline_run(ctx, **flags):
+def pipeline_run(ctx, as_json, **flags):
     """Stage a new export as a run and register it; an unchanged export is a no-op.
 
     Example: healthdelta pipeline run --input export.zip --out data
     """
-    result = _run_with_progress(ctx, pipeline.run_pipeline, _options(**flags))
+    opts = _options(**flags)
+    result = _run_with_progress(ctx, pipeline.run_pipeline, opts)
     _print_notices(ctx, result)
     if result.status == "no_changes":
-        click.echo("no changes detected")
-        click.echo(f"run_id={result.run_id}")
+        # The seed's exact output: `no changes detected`, then `run_id=<parent>`.
+        summary = {"status": "no_changes", "run_id": result.run_id} if as_json else {"run_id": result.run_id}
+        _emit(summary, as_json, ("no changes detected",))
         return
-    click.echo(f"run_id={result.run_id}")
-    click.echo(f"staging_dir={result.staging_dir}")
-    click.echo(f"run_report={result.run_report}")
-    if result.ndjson_dir:
-        click.echo(f"ndjson_dir={result.ndjson_dir}")
-    if result.deid_dir:
-        click.echo(f"deid_dir={result.deid_dir}")
+    summary = {"status": "created", "run_id": result.run_id} if as_json else {"run_id": result.run_id}
+    for key in ("staging_dir", "run_report", "ndjson_dir", "deid_dir"):
+        if getattr(result, key):
+            summary[key] = _shown(opts.layout, getattr(result, key))
+    _emit(summary, as_json)
 
 
 def _print_notices(ctx, result) -> None:
@@ -99,20 +125,23 @@ def run_group() -> None:
 @run_group.command("all")
 @run_options
 @click.pass_context
-def run_all_cmd(ctx, **flags):
+def run_all_cmd(ctx, as_json, **flags):
     """Everything for one new export: pipeline run, NDJSON + delta, warehouse, reports.
 
     Example: healthdelta run all --input export.zip --out data
     """
-    result = _run_with_progress(ctx, pipeline.run_all, _options(**flags))
+    opts = _options(**flags)
+    result = _run_with_progress(ctx, pipeline.run_all, opts)
     _print_notices(ctx, result)
-    status = "no_changes" if result.status == "no_changes" else "created"
-    if result.status == "no_changes":
-        click.echo("no changes detected")
-    click.echo(f"status={status}")
-    click.echo(f"run_id={result.run_id}")
-    for name, rel in sorted(result.artifacts.items()):
-        click.echo(f"{name}={rel}")
+    unchanged = result.status == "no_changes"
+    summary: dict = {"status": "no_changes" if unchanged else "created", "run_id": result.run_id}
+    if not unchanged:
+        summary["delta_base_run_id"] = result.delta_base_run_id
+    summary.update((name, _shown(opts.layout, rel)) for name, rel in sorted(result.artifacts.items()))
+    report = opts.layout.reports / result.run_id / "report.html"
+    if report.is_file():  # also for a no-op: the report of the run that already holds this export
+        summary["report"] = _shown(opts.layout, opts.layout.rel(report))
+    _emit(summary, as_json, ("no changes detected",) if unchanged else ())
 
 
 @run_group.command("register")
@@ -147,45 +176,62 @@ def _human_bytes(n: int) -> str:
 
 @run_group.command("list")
 @_state_option
+@json_option
 @global_options
-def run_list(state):
-    """The registered runs, oldest first.
+def run_list(state, as_json):
+    """The registered runs, oldest first: whose export each is and what its delta was
+    taken against (BASE). `*` marks LAST_RUN; `pruned` runs keep only their small files.
 
     Example: healthdelta run list --state data/state
     """
-    reg = registry.read_registry(state)
-    last = registry.read_last_run(state)
-    rows = [("RUN", "PARENT", "CREATED", "FILES", "SIZE", "NOTE")]
-    for e in reg.ordered():
-        fp = e.get("input_fingerprint", {})
-        marker = "*" if e["run_id"] == last else " "
-        rows.append((
-            marker + e["run_id"][:12], (e.get("parent_run_id") or "-")[:12], e.get("created_at") or "-",
-            str(fp.get("file_count", "-")), _human_bytes(int(fp.get("total_bytes", 0))),
-            (e.get("notes") or "").replace("\n", " ")[:40],
-        ))
-    if len(rows) == 1:
+    runs = pipeline.list_runs(state)
+    if as_json:
+        click.echo(json.dumps({"runs": runs}, sort_keys=True, ensure_ascii=False))
+        return
+    if not runs:
         click.echo("no runs registered")
         return
+    rows = [("RUN", "PARENT", "PERSON", "BASE", "CREATED", "FILES", "SIZE", "NOTE")]
+    for e in runs:
+        fp = e.get("input_fingerprint", {})
+        rows.append((
+            ("*" if e["is_last"] else " ") + e["run_id"][:12], (e.get("parent_run_id") or "-")[:12],
+            e["person"] or "-", _base_column(e), e.get("created_at") or "-",
+            str(fp.get("file_count", "-")), _human_bytes(int(fp.get("total_bytes", 0))),
+            ("(pruned) " if e.get("pruned") else "") + (e.get("notes") or "").replace("\n", " ")[:40],
+        ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+def _base_column(entry: dict) -> str:
+    if "delta_base_run_id" not in entry:
+        return "?"  # registered before lineage was recorded
+    return (entry["delta_base_run_id"] or "first")[:12]
+
+
 @run_group.command("show")
 @click.argument("run_id")
 @_state_option
+@json_option
 @global_options
-def run_show(run_id, state):
+def run_show(run_id, state, as_json):
     """One registry entry as key=value lines; RUN_ID may be a unique prefix.
 
     Example: healthdelta run show 3fa2 --state data/state
     """
-    reg = registry.read_registry(state)
-    e = reg.resolve(run_id)
+    wanted = registry.read_registry(state).resolve(run_id)["run_id"]
+    e = next(r for r in pipeline.list_runs(state) if r["run_id"] == wanted)
+    if as_json:
+        click.echo(json.dumps(e, sort_keys=True, ensure_ascii=False))
+        return
     fp = e.get("input_fingerprint", {})
     click.echo(f"run_id={e['run_id']}")
     click.echo(f"parent_run_id={e.get('parent_run_id') or ''}")
+    click.echo(f"person={e['person'] or ''}")
+    click.echo(f"delta_base_run_id={e.get('delta_base_run_id') or ''}")
+    click.echo(f"export_date={e.get('export_date') or ''}")
     click.echo(f"created_at={e.get('created_at') or ''}")
     click.echo(f"mode={e.get('mode') or ''}")
     click.echo(f"fingerprint={fp.get('sha256', '')}")
@@ -193,9 +239,42 @@ def run_show(run_id, state):
     click.echo(f"total_bytes={fp.get('total_bytes', '')}")
     for name, rel in sorted(e.get("artifacts", {}).items()):
         click.echo(f"{name}={rel}")
-    click.echo(f"children={','.join(reg.children(e['run_id']))}")
-    click.echo(f"is_last={'yes' if registry.read_last_run(state) == e['run_id'] else 'no'}")
+    click.echo(f"pruned={(e.get('pruned') or {}).get('at', '')}")
+    click.echo(f"children={','.join(e['children'])}")
+    click.echo(f"is_last={'yes' if e['is_last'] else 'no'}")
     click.echo(f"notes={(e.get('notes') or '').replace(chr(10), ' ')}")
+
+
+@run_group.command("prune")
+@out_options
+@click.option("--keep", type=click.IntRange(min=1), required=True,
+              help="How many of the newest runs keep everything.")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; change nothing.")
+@json_option
+@lock_timeout_option
+@global_options
+def run_prune(out, state, keep, dry_run, as_json, lock_timeout):
+    """Free the disk space of old runs: their staged export copy, de-identified copy and
+    full NDJSON streams go; the registry, delta files, reports and the warehouse (which
+    holds every record) stay. Each person's latest run and LAST_RUN are always kept.
+
+    Example: healthdelta run prune --out data --keep 2 --dry-run
+    """
+    from healthdelta.prune import prune_runs
+
+    result = prune_runs(layout_from(out, state), keep=keep, dry_run=dry_run, lock_timeout=lock_timeout)
+    summary = {"dry_run": result.dry_run, "pruned": len(result.pruned), "kept": len(result.kept),
+               "freed_bytes": result.bytes_freed}
+    if as_json:
+        click.echo(json.dumps({**summary, "pruned_runs": list(result.pruned), "kept_runs": list(result.kept)},
+                              sort_keys=True))
+        return
+    for rid in result.pruned:
+        click.echo(f"{'would prune' if dry_run else 'pruned'} {rid[:12]}")
+    click.echo(f"dry_run={'yes' if dry_run else 'no'}")
+    click.echo(f"pruned={summary['pruned']}")
+    click.echo(f"kept={summary['kept']}")
+    click.echo(f"freed={_human_bytes(result.bytes_freed)}")
 
 
 @cli.command("ingest")
@@ -243,4 +322,4 @@ def demo_cmd(ctx, out):
     if "reports_dir" in last.artifacts:
         click.echo(f"report={(data / last.artifacts['reports_dir'] / 'report.html').as_posix()}")
     click.echo(f"data_dir={data.as_posix()}")
-    click.echo(f"next: healthdelta report show --db {(data / 'warehouse.duckdb').as_posix()}")
+    click.echo(f"next: {self_command()} report show --db {(data / 'warehouse.duckdb').as_posix()}")

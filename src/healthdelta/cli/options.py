@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import click
@@ -65,6 +68,25 @@ def out_options(f):
 
 def layout_from(out: Path, state: Path | None) -> OutLayout:
     return OutLayout.create(out, state)
+
+
+def self_command() -> str:
+    """This program as the user can type it from here, for printed next steps: `healthdelta`
+    when that name on PATH is this very program, else the script (or interpreter) that ran,
+    relative to the current directory when it is below it (e.g. `.venv/bin/healthdelta`)."""
+    script = Path(sys.argv[0])
+    on_path = shutil.which("healthdelta")
+    if script.name == "healthdelta" and on_path and Path(on_path).resolve() == script.resolve():
+        return "healthdelta"
+    program = script if script.name == "healthdelta" else Path(sys.executable)
+    rel = os.path.relpath(program.absolute())
+    shown = rel if not rel.startswith("..") else program.absolute().as_posix()
+    return shown if program is script else f"{shown} -m healthdelta"
+
+
+def json_option(f):
+    """`--json`: the command's result as one JSON object on stdout instead of text."""
+    return click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")(f)
 
 
 def lock_timeout_option(f):
