@@ -325,7 +325,7 @@ def run_all(opts: PipelineOptions, progress: ProgressFn = no_progress) -> Pipeli
     milliseconds between the load's commit and the registry write leaves a loaded,
     unregistered run; the next `run all` unloads it first, `doctor` reports it.)
     """
-    from healthdelta import report, warehouse
+    from healthdelta import report, sources, warehouse
 
     layout = opts.layout
 
@@ -339,7 +339,11 @@ def run_all(opts: PipelineOptions, progress: ProgressFn = no_progress) -> Pipeli
         entry = {"run_id": run_id, "parent_run_id": parent_id, "mode": opts.mode, "created_at": registry.utc_now()}
         loaded = warehouse.load_run(layout.warehouse, layout.ndjson / run_id, entry, progress=progress)
         try:
-            labels = share_person_labels(identity_dir) if opts.mode == "share" else None
+            if (layout.state / sources.FILE_NAME).is_file():
+                warehouse.set_source_priority(layout.warehouse, sources.read_priority_file(
+                    layout.state / sources.FILE_NAME, classes_only=opts.mode == "share"))
+            labels = (share_person_labels(identity_dir) if opts.mode == "share"
+                      else report.local_person_labels(identity_dir))
             built = report.build_report(layout.warehouse, layout.reports / run_id, mode=opts.mode, run_id=run_id,
                                         person_labels=labels, progress=progress)
         except BaseException:

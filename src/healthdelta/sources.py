@@ -41,12 +41,19 @@ def validate(entries: object) -> tuple[str, ...]:
     return tuple(entries)
 
 
-def read_priority_file(path: Path) -> tuple[str, ...]:
-    """Entries from a JSON file holding `{"source_priority": [...]}` or the bare list."""
+def read_priority_file(path: Path, *, classes_only: bool = False) -> tuple[str, ...]:
+    """Entries from a JSON file holding `{"source_priority": [...]}` or the bare list.
+
+    `classes_only` (share mode) keeps the class entries only: a source's name is
+    identifying and a share-mode warehouse must not hold it.
+    """
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise UsageError("the source priority file is not readable JSON") from None
     if isinstance(doc, dict):
         doc = doc.get("source_priority")
-    return validate(doc)
+    entries = validate(doc)
+    if classes_only:
+        entries = tuple(e for e in entries if e in CLASSES) or DEFAULT_PRIORITY
+    return entries
