@@ -78,7 +78,8 @@ def sql_values() -> str:
     """The table as `(VALUES ...) AS t(unit, unit_si, factor, shift)` for the warehouse views."""
     def lit(s: str) -> str:
         return "'" + s.replace("'", "''") + "'"
-    rows = ", ".join(f"({lit(u)}, {lit(c.unit_si)}, {c.factor!r}, {c.shift!r})" for u, c in CONVERSIONS.items())
+    rows = ", ".join(f"({lit(u)}, {lit(c.unit_si)}, {c.factor!r}::DOUBLE, {c.shift!r}::DOUBLE)"
+                     for u, c in CONVERSIONS.items())
     return f"(VALUES {rows}) AS t(unit, unit_si, factor, shift)"
 
 

@@ -558,7 +558,8 @@ VIEWS: dict[str, str] = {
                                      + {SLEEP_GAP_S} THEN 1 ELSE 0 END AS starts_session
             FROM s WHERE stage IS NOT NULL
         ), sessions AS (
-            SELECT *, sum(starts_session) OVER (PARTITION BY person ORDER BY t0, t1, record_key) AS session_no
+            SELECT *, CAST(sum(starts_session) OVER (PARTITION BY person ORDER BY t0, t1, record_key) AS BIGINT)
+                          AS session_no
             FROM flagged
         ), bounds AS (
             SELECT person, session_no, min(start_date) AS session_start, max(end_date) AS session_end,
