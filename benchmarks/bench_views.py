@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2_000_000)
     ap.add_argument("--people", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--memory-limit", default=None, help="DuckDB memory_limit, e.g. 1GB (shows it spills, not fails)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "warehouse.duckdb"
@@ -78,6 +79,8 @@ def main() -> None:
         fill(db, args.samples, args.people)
         print(f"{args.samples:,} step samples written in {time.perf_counter() - t:.1f} s")
         con = warehouse.connect(db, read_only=True)
+        if args.memory_limit:
+            con.execute("SET memory_limit = ?", [args.memory_limit])
         try:
             walls = []
             for _ in range(args.repeat):

@@ -367,3 +367,20 @@ def test_daily_values_come_from_the_best_source_of_the_day(tmp_path):
     assert rows_of(db, "SELECT day::VARCHAR, bpm, source_name FROM resting_heart_rate_daily ORDER BY day") == [
         ("2024-05-01", 58.0, W), ("2024-05-02", 66.0, "Oura")]
     assert rows_of(db, "SELECT day::VARCHAR, round(kg, 3) FROM body_mass_daily") == [("2024-05-01", 68.039)]
+
+
+def test_views_of_an_older_version_are_renewed_by_duckdb_build(tmp_path):
+    db = load(tmp_path, STEP_CASES[1][1])
+    con = warehouse.connect(db)
+    try:
+        con.execute("UPDATE warehouse_meta SET value = '1' WHERE key = 'views_version'")
+        con.execute("DROP VIEW daily_steps")
+    finally:
+        con.close()
+    from healthdelta import report
+
+    with pytest.raises(UsageError, match="older version"):
+        report.build_report(db, tmp_path / "report")
+    warehouse.build(tmp_path / "r1", db)  # nothing new to load: the views are renewed all the same
+    assert daily_steps(db) == {"2024-05-01": (500.0, 980.0)}
+    report.build_report(db, tmp_path / "report")

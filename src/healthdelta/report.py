@@ -93,6 +93,7 @@ def build_report(db_path: Path, out_dir: Path, *, mode: str = "local", run_id: s
     try:
         if not warehouse.is_initialised(con):
             raise UsageError("the warehouse is empty; load a run first (`healthdelta duckdb build`)")
+        _check_views(con)
         run = _select_run(con, run_id)
         labels = person_label_map(con, mode, person_labels)
         ctx = _Ctx(con, mode, labels, run, units_system or export_units(con))
@@ -128,6 +129,7 @@ def show(db_path: Path, *, units_system: str | None = None,
     try:
         if not warehouse.is_initialised(con):
             return ["warehouse: empty (no run loaded)"]
+        _check_views(con)
         run = _select_run(con, None)
         ctx = _Ctx(con, "local", person_label_map(con, "local", person_labels), run,
                    units_system or export_units(con))
@@ -214,6 +216,12 @@ def local_person_labels(identity_dir: Path) -> dict[str, str]:
         if names:
             out[person.person_id] = names[0]
     return out
+
+
+def _check_views(con: duckdb.DuckDBPyConnection) -> None:
+    if not warehouse.views_current(con):
+        raise UsageError("the warehouse's views are from an older version of healthdelta; "
+                         "renew them with `healthdelta duckdb build`")
 
 
 def _select_run(con: duckdb.DuckDBPyConnection, run_id: str | None) -> dict[str, Any] | None:
@@ -606,6 +614,7 @@ th, td { overflow-wrap: anywhere; }
   section { padding: 12px 10px; margin: 12px 0; }
   table { font-size: 12px; }
   th, td { padding: 4px 3px; }
+  .opt { display: none; }
   .card .v { font-size: 18px; }
 }
 """
@@ -627,13 +636,16 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def _table(header: list[str], rows: list[list[Any]], numeric: set[int] = frozenset()) -> str:
-    head = "".join(f'<th class="n">{_e(h)}</th>' if i in numeric else f"<th>{_e(h)}</th>"
-                   for i, h in enumerate(header))
-    body = "".join(
-        "<tr>" + "".join(f'<td class="n">{_e(v)}</td>' if i in numeric else f"<td>{_e(v)}</td>"
-                         for i, v in enumerate(row)) + "</tr>"
-        for row in rows)
+def _table(header: list[str], rows: list[list[Any]], numeric: set[int] = frozenset(),
+           optional: set[int] = frozenset()) -> str:
+    """`optional` columns are hidden on a phone-width screen, where every column shares 370 px."""
+    def cls(i: int) -> str:
+        names = " ".join(n for n, on in (("n", i in numeric), ("opt", i in optional)) if on)
+        return f' class="{names}"' if names else ""
+
+    head = "".join(f"<th{cls(i)}>{_e(h)}</th>" for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(f"<td{cls(i)}>{_e(v)}</td>" for i, v in enumerate(row)) + "</tr>"
+                   for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -700,7 +712,7 @@ def _since_html(ctx: _Ctx) -> str:
         out.append("<h3>New records by type</h3>" + _table(
             ["type", "stream", "records", "from", "to"],
             [[pretty_type(t["record_type"]), t["stream"], _fmt_int(t["records"]), t["first_date"], t["last_date"]]
-             for t in s["new_by_type"]], {2}))
+             for t in s["new_by_type"]], {2}, optional={1}))
     if s["removed_by_type"]:
         out.append('<h3 class="flag">Removed records by type</h3>'
                    '<p class="note">Present in the previous export, missing from this one (deleted on the '
@@ -740,7 +752,8 @@ def _labs_html(ctx: _Ctx) -> str:
                 shown = f"{shown} ({status})".strip()
             table_rows.append([name, shown, ref, flag or "", day or "", code or ""])
         heading = f"<h3>{_e(label)}</h3>" if len(labs) > 1 or ctx.share else ""
-        out.append(heading + _table(["test", "result", "reference range", "flag", "date", "code"], table_rows))
+        out.append(heading + _table(["test", "result", "reference range", "flag", "date", "code"], table_rows,
+                                    optional={5}))
     out.append("</section>")
     return "".join(out)
 
@@ -756,6 +769,6 @@ def _coverage_html(ctx: _Ctx) -> str:
     top = [[pretty_type(t["record_type"]), t["stream"], _fmt_int(t["records"])] for t in d["top_types"]]
     return ('<section id="coverage"><h2>Coverage</h2>'
             + _table(["person", "stream", "records", "removed", "first", "last", "days with data"], rows,
-                     {2, 3, 6})
-            + "<h3>Most frequent record types</h3>" + _table(["type", "stream", "records"], top, {2})
+                     {2, 3, 6}, optional={3, 6})
+            + "<h3>Most frequent record types</h3>" + _table(["type", "stream", "records"], top, {2}, optional={1})
             + "</section>")

@@ -723,6 +723,11 @@ def is_initialised(con: duckdb.DuckDBPyConnection) -> bool:
     return _meta(con, "schema_version") == str(SCHEMA_VERSION) and _meta(con, "views_version") is not None
 
 
+def views_current(con: duckdb.DuckDBPyConnection) -> bool:
+    """False when the views were made by an older version (the next load or `duckdb build` renews them)."""
+    return _meta(con, "views_version") == str(VIEWS_VERSION)
+
+
 def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Create tables (first use) and views (first use or new VIEWS_VERSION); inside the caller's transaction."""
     version = _meta(con, "schema_version")
@@ -1065,6 +1070,8 @@ def build(ndjson_input: Path, db_path: Path, *, replace: bool = False,
 
     try:
         results = tuple(load_run(target, d, entry, progress=overall) for d, entry, _ in ordered)
+        if not replace and target.is_file():
+            _ensure_exists(target)  # renews the views of an older version even when no run was new
         if replace:
             _ensure_exists(target)
             # A WAL left by the old file must not be replayed against the new one.
