@@ -384,3 +384,8 @@ def test_views_of_an_older_version_are_renewed_by_duckdb_build(tmp_path):
     warehouse.build(tmp_path / "r1", db)  # nothing new to load: the views are renewed all the same
     assert daily_steps(db) == {"2024-05-01": (500.0, 980.0)}
     report.build_report(db, tmp_path / "report")
+
+
+def test_sources_missing_from_a_short_list_keep_the_default_order(tmp_path):
+    db = load(tmp_path, STEP_CASES[1][1], priority=["AutoSleep"])  # neither watch nor phone listed
+    assert daily_steps(db) == {"2024-05-01": (500.0, 980.0)}  # the watch still wins

@@ -411,14 +411,18 @@ VIEWS: dict[str, str] = {
         LEFT JOIN runs r ON r.run_id = x.removed_in_run""",
     # Every HealthKit sample with its source class, priority and normalised value.
     # source_priority: position of the source's name in the `source_priority` table,
-    # else of its class; 1000 when neither is listed. value_si/unit_si: units.CONVERSIONS.
+    # else of its class; when neither is listed, after every listed one in the default
+    # order (1001 manual .. 1004 other). value_si/unit_si: units.CONVERSIONS.
     "unit_conversions": "CREATE OR REPLACE VIEW unit_conversions AS SELECT * FROM " + units.sql_values(),
     "healthkit_samples": """CREATE OR REPLACE VIEW healthkit_samples AS
         SELECT o.record_key, o.canonical_person_id, o.type, o.start_date, o.end_date, o.start_date_local,
                o.end_date_local, o.local_date, COALESCE(o.utc_offset_min, 0) AS utc_offset_min,
                o.value, o.value_str, o.unit, o.value * u.factor + u.shift AS value_si, u.unit_si,
                o.source_name, o.device, hd_source_class(o.device, o.source_name, o.metadata) AS source_class,
-               COALESCE(pn.position, pc.position, 1000) AS source_priority
+               COALESCE(pn.position, pc.position,
+                        1000 + list_position(['manual', 'watch', 'phone', 'other'],
+                                             hd_source_class(o.device, o.source_name, o.metadata)))
+                   AS source_priority
         FROM observations o
         LEFT JOIN unit_conversions u ON u.unit = hd_canonical_unit(o.unit)
         LEFT JOIN source_priority pn ON pn.entry = o.source_name
