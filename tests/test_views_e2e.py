@@ -80,8 +80,13 @@ def write_export(root: Path) -> Path:
         lines.append(f" <Record {head}>{children}\n </Record>" if children else f" <Record {head}/>")
     lines.append("</HealthData>")
     (export / "export.xml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    hcg = {"resourceType": "Observation", "id": "u1", "status": "preliminary",
+           "category": [{"coding": [{"code": "laboratory"}]}],
+           "code": {"coding": [{"system": "http://loinc.org", "code": "2106-3", "display": "hCG"}], "text": "hCG"},
+           "effectiveDateTime": "2024-05-02T10:00:00-08:00", "valueString": "Negative",
+           "referenceRange": [{"text": "Negative"}]}
     labs = [glucose("g1", "2024-04-30T18:30:00-08:00", 180.0, "final"),
-            glucose("g2", "2024-05-03T09:00:00-08:00", 400.0, "entered-in-error")]
+            glucose("g2", "2024-05-03T09:00:00-08:00", 400.0, "entered-in-error"), hcg]
     for lab in labs:
         (export / "clinical-records" / f"{lab['id']}.json").write_text(json.dumps(lab), encoding="utf-8")
     return export
@@ -118,8 +123,17 @@ def test_sleep_night_and_nap(out):
 
 
 def test_labs_skip_entered_in_error_and_keep_the_labs_date(out):
-    got = query(out / "warehouse.duckdb", "SELECT value, status, local_date FROM lab_results_latest")
-    assert got == [{"value": "180.0", "status": "final", "local_date": "2024-04-30"}]
+    got = query(out / "warehouse.duckdb", "SELECT code, value, status, local_date, reference_range_text "
+                                          "FROM lab_results_latest ORDER BY code")
+    assert got == [
+        {"code": "2106-3", "value": "", "status": "preliminary", "local_date": "2024-05-02",
+         "reference_range_text": "Negative"},
+        {"code": "2345-7", "value": "180.0", "status": "final", "local_date": "2024-04-30",
+         "reference_range_text": ""}]
+    html = next((out / "reports").glob("*/report.html")).read_text(encoding="utf-8")
+    labs = html[html.index('id="labs"'):html.index('id="coverage"')]
+    assert "180 mg/dL" in labs and "400" not in labs
+    assert "Negative (preliminary)" in labs and "<td>Negative</td>" in labs and "2024-04-30" in labs
 
 
 def test_units_are_normalised_and_the_report_is_in_us_units(out):

@@ -678,16 +678,15 @@ VIEWS: dict[str, str] = {
         )
         SELECT canonical_person_id, coding.system AS code_system, coding.code AS code,
                COALESCE(code_text, coding.display) AS name, event_time AS effective_time,
-               COALESCE(TRY_CAST(left(details ->> (event_time_field || '_local'), 10) AS DATE), local_date)
-                   AS local_date,
                value, value_text, unit, value_comparator,
                TRY_CAST(details ->> 'value_low' AS DOUBLE) AS value_low,
                TRY_CAST(details ->> 'value_high' AS DOUBLE) AS value_high,
-               interpretation, reference_range,
+               interpretation, reference_range, status, category_text, record_key,
+               COALESCE(TRY_CAST(left(details ->> (event_time_field || '_local'), 10) AS DATE), local_date)
+                   AS local_date,
                CASE WHEN json_extract_string(reference_range, '$[0].low') IS NULL
                          AND json_extract_string(reference_range, '$[0].high') IS NULL
-                    THEN json_extract_string(reference_range, '$[0].text') END AS reference_range_text,
-               status, category_text, record_key
+                    THEN json_extract_string(reference_range, '$[0].text') END AS reference_range_text
         FROM ranked WHERE rank = 1""",
 }
 
