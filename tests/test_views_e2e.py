@@ -150,3 +150,29 @@ def test_units_are_normalised_and_the_report_is_in_us_units(out):
                                  "unit": "lb"}
     shown = cli("report", "show", "--db", str(out / "warehouse.duckdb"), "--units", "metric")
     assert "8,850 steps a day" in shown and "weight 68 kg" in shown
+
+
+def test_priority_file_in_the_state_dir_reorders_sources(out):
+    db = out / "warehouse.duckdb"
+    priority = out / "state" / "source_priority.json"
+    priority.write_text(json.dumps({"source_priority": ["phone", "watch", "manual", "other"]}))
+    try:
+        cli("duckdb", "build", "--input", str(out / "ndjson"), "--db", str(db))
+        # the iPhone's 3800 and 1400 now win over the Watch's 4000 and 1500
+        assert query(db, "SELECT steps FROM daily_steps") == [{"steps": "8550.0"}]
+        priority.write_text('{"source_priority": ["phone", "phone"]}')
+        proc = subprocess.run([sys.executable, "-m", "healthdelta", "duckdb", "build", "--input",
+                               str(out / "ndjson"), "--db", str(db)], capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr.splitlines() == ["error: the source priority lists an entry twice"]
+    finally:
+        priority.unlink()
+        cli("duckdb", "build", "--input", str(out / "ndjson"), "--db", str(db), "--source-priority",
+            str(write_default(out)))
+    assert query(db, "SELECT steps FROM daily_steps") == [{"steps": "8850.0"}]
+
+
+def write_default(out: Path) -> Path:
+    path = out / "default_priority.json"
+    path.write_text('["manual", "watch", "phone", "other"]')
+    return path

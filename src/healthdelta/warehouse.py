@@ -774,8 +774,13 @@ def set_source_priority(db_path: Path, entries: Iterable[str]) -> bool:
             if current != wanted:
                 _write_priority(con, wanted)
             con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
+        except BaseException as exc:
+            try:
+                con.execute("ROLLBACK")
+            except duckdb.Error:
+                pass  # the connection is gone: nothing was committed either way
+            if isinstance(exc, duckdb.Error):
+                raise HealthDeltaError(f"the warehouse could not be changed ({type(exc).__name__})") from exc
             raise
         return current != wanted
     finally:
