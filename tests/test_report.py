@@ -206,7 +206,8 @@ def test_units_follow_the_export_or_the_flag(db, tmp_path):
         assert ('"title":{"text":"lb"}' in html) == (flag == "us")
     for person, w in by_system["us"].items():
         assert w["unit"] == "lb" and by_system["metric"][person]["unit"] == "kg"
-        assert w["last"] == pytest.approx(by_system["metric"][person]["last_kg"] / 0.45359237, abs=0.2)  # last_kg is rounded to 0.1
+        # last_kg is rounded to 0.1 kg
+        assert w["last"] == pytest.approx(by_system["metric"][person]["last_kg"] / 0.45359237, abs=0.2)
     proc = subprocess.run([*CLI, "report", "show", "--db", str(path), "--units", "us"], capture_output=True,
                           text=True)
     assert proc.returncode == 0 and "latest values (us units):" in proc.stdout and " lb (" in proc.stdout

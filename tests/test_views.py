@@ -389,3 +389,35 @@ def test_views_of_an_older_version_are_renewed_by_duckdb_build(tmp_path):
 def test_sources_missing_from_a_short_list_keep_the_default_order(tmp_path):
     db = load(tmp_path, STEP_CASES[1][1], priority=["AutoSleep"])  # neither watch nor phone listed
     assert daily_steps(db) == {"2024-05-01": (500.0, 980.0)}  # the watch still wins
+
+
+def test_report_units_follow_the_exports_locale_before_its_units(tmp_path):
+    from healthdelta import report
+
+    mass = "HKQuantityTypeIdentifierBodyMass"
+    rows = [{**_row("m", "2024-05-01T07:00:00", "2024-05-01T07:00:00", APP, 70.0, mass, "Scale"), "unit": "kg"}]
+    db = tmp_path / "w.duckdb"
+    warehouse.load_run(db, write_run(tmp_path, "r1", None, {"observations": rows}), {"run_id": "r1"})
+    con = warehouse.connect(db, read_only=True)
+    try:
+        assert report.export_units(con) == "metric"  # no locale recorded: the samples' kg
+    finally:
+        con.close()
+    db2 = tmp_path / "w2.duckdb"
+    warehouse.load_run(db2, tmp_path / "r1", {"run_id": "r1", "locale": "en_US"})
+    con = warehouse.connect(db2, read_only=True)
+    try:
+        assert report.export_units(con) == "us"
+    finally:
+        con.close()
+
+
+def test_export_locale_of_a_staged_run(tmp_path):
+    from healthdelta import report
+
+    (tmp_path / "layout.json").write_text('{"export_xml": "apple_health_export/export.xml"}')
+    (tmp_path / "apple_health_export").mkdir()
+    (tmp_path / "apple_health_export" / "export.xml").write_text(
+        '<?xml version="1.0" encoding="UTF-8"?>\n<HealthData locale="en_US">\n <ExportDate value="x"/>\n</HealthData>\n')
+    assert report.export_locale(tmp_path) == "en_US"
+    assert report.export_locale(tmp_path / "missing") is None

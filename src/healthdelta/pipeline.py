@@ -56,9 +56,9 @@ class PipelineResult:
 
 
 # Stages that run after the NDJSON stage and before registration (`run all`'s warehouse
-# and reports): (run_id, parent_run_id, artifacts, stages, identity_dir) -> None,
+# and reports): (run_id, parent_run_id, artifacts, stages, identity_dir, staging_dir) -> None,
 # filling in artifacts and stages.
-LaterStages = Callable[[str, "str | None", dict, dict, Path], None]
+LaterStages = Callable[[str, "str | None", dict, dict, Path, Path], None]
 
 
 class IdentityWork(WorkDir):
@@ -199,7 +199,7 @@ def _after_staging(opts, progress, later, layout, inp, staged, stages, staging_w
     if deid_dir is not None:
         artifacts["deid_dir"] = layout.rel(deid_dir)
     if later is not None:
-        later(run_id, parent_id, artifacts, stages, identity_dir)
+        later(run_id, parent_id, artifacts, stages, identity_dir, staging_dir)
     staging_dir = staging_work.commit(final_staging)
     report_path = staging_dir / "run_report.json"
     atomic_write_json(report_path, {
@@ -330,13 +330,16 @@ def run_all(opts: PipelineOptions, progress: ProgressFn = no_progress) -> Pipeli
     layout = opts.layout
 
     def warehouse_and_reports(run_id: str, parent_id: str | None, artifacts: dict, stages: dict,
-                              identity_dir: Path) -> None:
+                              identity_dir: Path, staging_dir: Path) -> None:
         registered = set(registry.read_registry(layout.state).runs)
         if layout.warehouse.exists():
             stale = [r for r in warehouse.loaded_runs(layout.warehouse) if r not in registered]
             for stale_run in stale:
                 warehouse.unload_run(layout.warehouse, stale_run)
         entry = {"run_id": run_id, "parent_run_id": parent_id, "mode": opts.mode, "created_at": registry.utc_now()}
+        locale = report.export_locale(staging_dir)
+        if locale:  # the report's units follow it
+            entry["locale"] = locale
         loaded = warehouse.load_run(layout.warehouse, layout.ndjson / run_id, entry, progress=progress)
         try:
             if (layout.state / sources.FILE_NAME).is_file():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any, Mapping
 import duckdb
 
 from healthdelta import __version__, charts, identity, units, warehouse
-from healthdelta.errors import UsageError
+from healthdelta.errors import HealthDeltaError, UsageError
 from healthdelta.fsutil import WorkDir, atomic_write_bytes, json_bytes
 from healthdelta.ndjson import STREAMS
 from healthdelta.progress import ProgressFn, no_progress
@@ -197,10 +198,27 @@ def person_label_map(con: duckdb.DuckDBPyConnection, mode: str,
     return labels
 
 
+def export_locale(run_dir: Path) -> str | None:
+    """`<HealthData locale="...">` of a staged run's export.xml, or None."""
+    from healthdelta.parse.healthkit import read_me
+
+    try:
+        layout = json.loads((run_dir / "layout.json").read_text(encoding="utf-8"))
+        locale = read_me(run_dir / layout["export_xml"]).get("locale")
+    except (OSError, ValueError, KeyError, TypeError, HealthDeltaError):
+        return None
+    return locale if isinstance(locale, str) and len(locale) <= 35 else None
+
+
 def export_units(con: duckdb.DuckDBPyConnection) -> str:
-    """'us' or 'metric': the system the exports' own body mass, distance and temperature
-    samples are written in. The Health app writes them in the phone's region's units
-    (an `en_US` phone writes lb and mi), so this follows the export's locale."""
+    """'us' or 'metric': from the locale of the newest loaded run that recorded one
+    (`run all` does: en_US -> us), else from the units the exports' own body mass,
+    distance and temperature samples are written in (the Health app writes the phone's
+    region's units)."""
+    row = con.execute("SELECT registry_entry ->> 'locale' FROM runs WHERE registry_entry ->> 'locale' IS NOT NULL "
+                      "ORDER BY load_seq DESC LIMIT 1").fetchone()
+    if row:
+        return units.system_for_locale(row[0])
     rows = con.execute(
         "SELECT unit, count(*) FROM observations WHERE source = 'healthkit' AND unit IN "
         "('lb', 'kg', 'mi', 'km', 'degF', 'degC', 'ft', 'in', 'cm', 'm', 'yd') GROUP BY unit").fetchall()

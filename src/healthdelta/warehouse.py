@@ -581,7 +581,8 @@ VIEWS: dict[str, str] = {
         WITH per_source AS (
             SELECT canonical_person_id, session_no, source_priority, source_class,
                    COALESCE(source_name, '') AS source_name,
-                   sum(seconds) FILTER (WHERE asleep) AS asleep_s, sum(seconds) FILTER (WHERE stage = 'Awake') AS awake_s,
+                   sum(seconds) FILTER (WHERE asleep) AS asleep_s,
+                   sum(seconds) FILTER (WHERE stage = 'Awake') AS awake_s,
                    sum(seconds) FILTER (WHERE stage = 'In bed') AS in_bed_s
             FROM sleep_samples GROUP BY ALL
         ), best AS (
