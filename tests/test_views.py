@@ -167,30 +167,50 @@ def test_other_cumulative_types_are_normalised_and_deduplicated(tmp_path):
     assert got == [(dist, "2024-05-01", "m", round(3000 + 1609.344, 3), round(3000 + 2 * 1609.344, 3))]
 
 
-# A property: whatever the overlaps, the de-duplicated day lies between the best
-# source's own total and the naive sum, and equals the naive sum when nothing overlaps.
-_SOURCES = [(WATCH, W), (PHONE, P), (APP, "Pedometer"), (APP, "Steps App")]
+# A property: whatever the overlaps, each day's de-duplicated total lies between the
+# best-ranked source's own total that day and the naive sum, and equals the naive sum when
+# nothing overlaps. Samples start between 18:00 and 04:00, so many cross midnight.
+_SOURCES = [(WATCH, W), (PHONE, P), (APP, "Pedometer"), (APP, "Steps App")]  # in priority order
+_BASE = datetime(2024, 5, 1, 18, 0)
+
+
+def _per_day(start_min: int, length_min: int, value: float) -> dict[str, float]:
+    """A sample's value shared between local days by its minutes on each."""
+    start = _BASE + timedelta(minutes=start_min)
+    if length_min == 0:
+        return {start.date().isoformat(): value}
+    out: dict[str, float] = {}
+    for m in range(length_min):
+        day = (start + timedelta(minutes=m)).date().isoformat()
+        out[day] = out.get(day, 0.0) + value / length_min
+    return out
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 600), st.integers(0, 120), st.integers(0, 500)),
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 600), st.integers(0, 180), st.integers(0, 500)),
                 min_size=1, max_size=12))
 def test_dedup_lies_between_best_source_and_naive_sum(tmp_path_factory, samples):
-    base = datetime(2024, 5, 1, 8, 0)
     rows = []
     for i, (src, start_min, length_min, value) in enumerate(samples):
-        start, end = base + timedelta(minutes=start_min), base + timedelta(minutes=start_min + length_min)
+        start, end = _BASE + timedelta(minutes=start_min), _BASE + timedelta(minutes=start_min + length_min)
         device, name = _SOURCES[src]
         rows.append(step(f"s{i}", start.isoformat(), end.isoformat(), device, value, name))
-    db = load(tmp_path_factory.mktemp("prop"), rows)
-    got = daily_steps(db)
-    (day, (deduped, naive)), = got.items()
+    got = daily_steps(load(tmp_path_factory.mktemp("prop"), rows))
     best_src = min(s for s, *_ in samples)
-    best_total = sum(v for s, _, _, v in samples if s == best_src)
-    assert best_total - 1e-6 <= deduped <= naive + 1e-6
-    assert naive == pytest.approx(sum(v for *_, v in samples))
-    if not any(x[0] != y[0] and _overlap(x, y) for x in samples for y in samples):
-        assert deduped == pytest.approx(naive)
+    naive: dict[str, float] = {}
+    best: dict[str, float] = {}
+    for src, start_min, length_min, value in samples:
+        for day, part in _per_day(start_min, length_min, value).items():
+            naive[day] = naive.get(day, 0.0) + part
+            if src == best_src:
+                best[day] = best.get(day, 0.0) + part
+    assert set(got) == set(naive)
+    no_overlap = not any(x[0] != y[0] and _overlap(x, y) for x in samples for y in samples)
+    for day, (deduped, naive_sum) in got.items():
+        assert naive_sum == pytest.approx(naive[day], abs=1e-4)
+        assert best.get(day, 0.0) - 1e-4 <= deduped <= naive_sum + 1e-4
+        if no_overlap:
+            assert deduped == pytest.approx(naive_sum, abs=1e-4)
 
 
 def _overlap(x: tuple, y: tuple) -> bool:
