@@ -120,8 +120,7 @@ def build_report(db_path: Path, out_dir: Path, *, mode: str = "local", run_id: s
                         people=len([k for k in labels if k is not None]))
 
 
-def show(db_path: Path, *, units_system: str | None = None,
-         person_labels: Mapping[str, str] | None = None) -> list[str]:
+def show(db_path: Path, *, units_system: str | None = None) -> list[str]:
     """Lines for `report show`: tables and counts, people, date range, top types, latest
     values (in the export's units unless `units_system` is given), last run's delta."""
     if units_system is not None and units_system not in units.SYSTEMS:
@@ -132,8 +131,7 @@ def show(db_path: Path, *, units_system: str | None = None,
             return ["warehouse: empty (no run loaded)"]
         _check_views(con)
         run = _select_run(con, None)
-        ctx = _Ctx(con, "local", person_label_map(con, "local", person_labels), run,
-                   units_system or export_units(con))
+        ctx = _Ctx(con, "local", person_label_map(con, "local", None), run, units_system or export_units(con))
         _collect(ctx)
     finally:
         con.close()
