@@ -227,3 +227,14 @@ def test_local_mode_names_people_as_the_identity_store_knows_them(db, tmp_path):
     named = {labels[p] for p in people if p in labels}
     assert named and {p["label"] for p in summary["people"]} >= named
     assert named <= {p for p in runs.pii if p in (out / "report.html").read_text()}
+
+
+def test_cli_report_build_names_people_from_the_state_dirs_identity_store(db, tmp_path):
+    path, runs = db
+    names = set(report.local_person_labels(runs.out / "state" / "identity").values())
+    proc = subprocess.run([*CLI, "report", "build", "--db", str(path), "--out", str(tmp_path / "r"),
+                           "--state", str(runs.out / "state")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert not [s for s in runs.pii if s in proc.stdout + proc.stderr]  # names in the file, never on screen
+    labels = {p["label"] for p in json.loads((tmp_path / "r" / "summary.json").read_text())["people"]}
+    assert labels & names

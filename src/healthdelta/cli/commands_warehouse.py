@@ -130,9 +130,12 @@ def report_group() -> None:
               help="JSON object mapping canonical_person_id to a label (share mode: `Patient N`).")
 @click.option("--units", "units_system", type=click.Choice(units.SYSTEMS), default=None,
               help="Units of charts and values (default: those the export is written in, e.g. us for en_US).")
+@click.option("--state", type=click.Path(path_type=Path), default=None,
+              help="State directory whose identity store names people in local mode (default: the "
+                   "warehouse's <out>/state, if present).")
 @global_options
 @click.pass_context
-def report_build(ctx, db_path, out_dir, mode, run_id, labels_path, units_system):
+def report_build(ctx, db_path, out_dir, mode, run_id, labels_path, units_system, state):
     """Write summary.json, summary.md, three coverage/timeline CSVs and a self-contained report.html.
 
     Example: healthdelta report build --db data/warehouse.duckdb --out data/reports/latest --mode share
@@ -145,6 +148,10 @@ def report_build(ctx, db_path, out_dir, mode, run_id, labels_path, units_system)
             raise UsageError("--labels must be a readable JSON file") from None
         if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
             raise UsageError("--labels must hold a JSON object of strings")
+    elif mode == "local":
+        identity_dir = (state or db_path.parent / "state") / "identity"
+        if (identity_dir / "people.json").is_file():
+            labels = report.local_person_labels(identity_dir)
     progress = make_progress(ctx)
     try:
         result = report.build_report(db_path, out_dir, mode=mode, run_id=run_id, person_labels=labels,
