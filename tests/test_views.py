@@ -186,6 +186,7 @@ def _per_day(start_min: int, length_min: int, value: float) -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 600), st.integers(0, 180), st.integers(0, 500)),
                 min_size=1, max_size=12))

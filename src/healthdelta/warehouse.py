@@ -352,6 +352,7 @@ _SLEEP_STAGES = {  # HKCategoryValueSleepAnalysis... -> the Health app's name
     "InBed": "In bed", "Awake": "Awake", "AsleepCore": "Core", "AsleepDeep": "Deep", "AsleepREM": "REM",
     "AsleepUnspecified": "Asleep (unspecified)", "Asleep": "Asleep (unspecified)",
 }
+UNLISTED_PRIORITY = 1000  # + the class's place in sources.CLASSES: after every listed entry
 SLEEP_GAP_S = 3600  # samples more than an hour apart start a new sleep session
 NIGHT_ENDS = ("04:00", "14:00")  # a session ending in this local window is a night, otherwise a nap
 
@@ -414,14 +415,14 @@ VIEWS: dict[str, str] = {
     # else of its class; when neither is listed, after every listed one in the default
     # order (1001 manual .. 1004 other). value_si/unit_si: units.CONVERSIONS.
     "unit_conversions": "CREATE OR REPLACE VIEW unit_conversions AS SELECT * FROM " + units.sql_values(),
-    "healthkit_samples": """CREATE OR REPLACE VIEW healthkit_samples AS
+    "healthkit_samples": f"""CREATE OR REPLACE VIEW healthkit_samples AS
         SELECT o.record_key, o.canonical_person_id, o.type, o.start_date, o.end_date, o.start_date_local,
                o.end_date_local, o.local_date, COALESCE(o.utc_offset_min, 0) AS utc_offset_min,
                o.value, o.value_str, o.unit, o.value * u.factor + u.shift AS value_si, u.unit_si,
                o.source_name, o.device, hd_source_class(o.device, o.source_name, o.metadata) AS source_class,
                COALESCE(pn.position, pc.position,
-                        1000 + list_position(['manual', 'watch', 'phone', 'other'],
-                                             hd_source_class(o.device, o.source_name, o.metadata)))
+                        {UNLISTED_PRIORITY} + list_position([{_sql_list(sources.CLASSES)}],
+                                                           hd_source_class(o.device, o.source_name, o.metadata)))
                    AS source_priority
         FROM observations o
         LEFT JOIN unit_conversions u ON u.unit = hd_canonical_unit(o.unit)
