@@ -442,3 +442,11 @@ def test_export_locale_of_a_staged_run(tmp_path):
         '<?xml version="1.0" encoding="UTF-8"?>\n<HealthData locale="en_US">\n <ExportDate value="x"/>\n</HealthData>\n')
     assert report.export_locale(tmp_path) == "en_US"
     assert report.export_locale(tmp_path / "missing") is None
+
+
+def test_hrv_daily_in_milliseconds(tmp_path):
+    hrv = "HKQuantityTypeIdentifierHeartRateVariabilitySDNN"
+    rows = [{**_row(k, f"2024-05-01T0{h}:00:00", f"2024-05-01T0{h}:01:00", WATCH, v, hrv, W), "unit": "ms"}
+            for k, h, v in (("h1", 1, 45.0), ("h2", 3, 52.5))]
+    assert rows_of(load(tmp_path, rows), "SELECT day::VARCHAR, sdnn_ms, samples FROM hrv_daily") == [
+        ("2024-05-01", 48.75, 2)]

@@ -540,7 +540,7 @@ VIEWS: dict[str, str] = {
                source_class, source_name
         FROM daily_values WHERE type = 'HKQuantityTypeIdentifierHeartRate'""",
     "hrv_daily": """CREATE OR REPLACE VIEW hrv_daily AS
-        SELECT canonical_person_id, day, value * 1000 AS sdnn_ms, samples, source_class, source_name
+        SELECT canonical_person_id, day, round(value * 1000, 3) AS sdnn_ms, samples, source_class, source_name
         FROM daily_values WHERE type = 'HKQuantityTypeIdentifierHeartRateVariabilitySDNN'""",
     "body_mass_daily": """CREATE OR REPLACE VIEW body_mass_daily AS
         SELECT canonical_person_id, day, value AS kg, samples, source_class, source_name
