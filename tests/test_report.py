@@ -153,3 +153,88 @@ def test_people_are_labelled_by_first_appearance(tmp_path):
     assert "pid-zulu-742" not in html and "pid-alpha-913" not in html
     timeline = (out / "timeline_daily_counts.csv").read_text().splitlines()
     assert timeline[1:] == ["2024-05-01,Patient 1,observations,1", "2024-05-02,Patient 2,observations,1"]
+
+
+def test_summary_numbers_equal_the_views(db, tmp_path):
+    path, _ = db
+    out = report.build_report(path, tmp_path / "r").out_dir
+    metrics = {m["person"]: m for m in json.loads((out / "summary.json").read_text())["metrics"]}
+    con = warehouse.connect(path, read_only=True)
+    try:
+        def view(sql: str) -> dict:
+            return {pid: rest for pid, *rest in con.execute(sql).fetchall()}
+
+        steps = view("SELECT canonical_person_id, count(*), max(day)::VARCHAR, round(avg(steps) FILTER "
+                     "(WHERE rn <= 30)) FROM (SELECT *, row_number() OVER (PARTITION BY canonical_person_id "
+                     "ORDER BY day DESC) AS rn FROM daily_steps) GROUP BY 1")
+        sleep = view("SELECT canonical_person_id, count(*), round(avg(asleep_minutes) FILTER (WHERE rn <= 30) / 60, 2) "
+                     "FROM (SELECT *, row_number() OVER (PARTITION BY canonical_person_id ORDER BY night DESC) AS rn "
+                     "FROM sleep_per_night WHERE asleep_minutes > 0) GROUP BY 1")
+        rhr = view("SELECT canonical_person_id, round(arg_max(bpm, day), 1) FROM resting_heart_rate_daily GROUP BY 1")
+        weight = view("SELECT canonical_person_id, round(arg_max(kg, day), 1) FROM body_mass_daily GROUP BY 1")
+    finally:
+        con.close()
+    assert steps and sleep and rhr and weight  # the synthetic exports have all four
+    for pid, (days, last_day, mean) in steps.items():
+        assert metrics[pid]["steps"] == {"days": days, "last_day": last_day, "mean_last_30_days": mean}
+    for pid, (nights, mean) in sleep.items():
+        assert (metrics[pid]["sleep"]["nights"], metrics[pid]["sleep"]["mean_asleep_hours_last_30_nights"]) == (
+            nights, mean)
+    for pid, (bpm,) in rhr.items():
+        assert metrics[pid]["resting_heart_rate"]["last_bpm"] == bpm
+    for pid, (kg,) in weight.items():
+        assert metrics[pid]["weight"]["last_kg"] == kg
+
+
+def test_units_follow_the_export_or_the_flag(db, tmp_path):
+    path, _ = db
+    con = warehouse.connect(path, read_only=True)
+    try:
+        system = report.export_units(con)
+        written = dict(con.execute("SELECT unit, count(*) FROM observations "
+                                   "WHERE type = 'HKQuantityTypeIdentifierBodyMass' GROUP BY 1").fetchall())
+    finally:
+        con.close()
+    assert system == ("us" if written.get("lb", 0) > written.get("kg", 0) else "metric")
+    by_system = {}
+    for flag in ("metric", "us"):
+        out = report.build_report(path, tmp_path / flag, units_system=flag).out_dir
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["units"] == flag
+        by_system[flag] = {m["person"]: m["weight"] for m in summary["metrics"] if "weight" in m}
+        html = (out / "report.html").read_text()
+        assert ('"title":{"text":"lb"}' in html) == (flag == "us")
+    for person, w in by_system["us"].items():
+        assert w["unit"] == "lb" and by_system["metric"][person]["unit"] == "kg"
+        # last_kg is rounded to 0.1 kg
+        assert w["last"] == pytest.approx(by_system["metric"][person]["last_kg"] / 0.45359237, abs=0.2)
+    proc = subprocess.run([*CLI, "report", "show", "--db", str(path), "--units", "us"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and "latest values (us units):" in proc.stdout and " lb (" in proc.stdout
+
+
+def test_local_mode_names_people_as_the_identity_store_knows_them(db, tmp_path):
+    path, runs = db
+    labels = report.local_person_labels(runs.out / "state" / "identity")
+    assert labels and all(name in runs.pii for name in labels.values())
+    out = report.build_report(path, tmp_path / "local", person_labels=labels).out_dir
+    summary = json.loads((out / "summary.json").read_text())
+    con = warehouse.connect(path, read_only=True)
+    try:
+        people = [r[0] for r in con.execute("SELECT DISTINCT canonical_person_id FROM records").fetchall()]
+    finally:
+        con.close()
+    named = {labels[p] for p in people if p in labels}
+    assert named and {p["label"] for p in summary["people"]} >= named
+    assert named <= {p for p in runs.pii if p in (out / "report.html").read_text()}
+
+
+def test_cli_report_build_names_people_from_the_state_dirs_identity_store(db, tmp_path):
+    path, runs = db
+    names = set(report.local_person_labels(runs.out / "state" / "identity").values())
+    proc = subprocess.run([*CLI, "report", "build", "--db", str(path), "--out", str(tmp_path / "r"),
+                           "--state", str(runs.out / "state")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert not [s for s in runs.pii if s in proc.stdout + proc.stderr]  # names in the file, never on screen
+    labels = {p["label"] for p in json.loads((tmp_path / "r" / "summary.json").read_text())["people"]}
+    assert labels & names

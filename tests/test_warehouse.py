@@ -297,11 +297,14 @@ def test_daily_steps_do_not_double_count_watch_and_phone(tmp_path):
     warehouse.load_run(db, write_run(tmp_path, "r1", None, {"observations": rows}), {"run_id": "r1"})
     con = warehouse.connect(db, read_only=True)
     try:
-        got = con.execute("SELECT day::VARCHAR, steps, steps_all_sources, watch_hours, phone_hours "
+        got = con.execute("SELECT day::VARCHAR, steps, steps_all_sources, watch_steps, phone_steps "
                           "FROM daily_steps ORDER BY day").fetchall()
     finally:
         con.close()
-    assert got == [("2024-05-01", 90 + 50 + 50 + 7, 357, 2, 2), ("2024-05-02", 1000, 1000, 0, 1)]
+    # 08h: the phone keeps the 3 of its 10 minutes the watch did not cover (30 steps);
+    # 11h: the phone keeps 22 of its 30 minutes (44 steps) beside the watch's 30 + 20
+    assert got == [("2024-05-01", 90 + 30 + 50 + 30 + 20 + 44 + 7, 357, 140, 30 + 50 + 44 + 7),
+                   ("2024-05-02", 1000, 1000, 0, 1000)]
 
 
 def test_sleep_nights_and_overlapping_sources(tmp_path):
@@ -323,7 +326,7 @@ def test_sleep_nights_and_overlapping_sources(tmp_path):
                           "ORDER BY night, stage").fetchall()
     finally:
         con.close()
-    assert got == [("2024-05-02", "AsleepCore", 420.0, "watch"), ("2024-05-02", "InBed", 430.0, "watch")]
+    assert got == [("2024-05-02", "Core", 420.0, "watch"), ("2024-05-02", "In bed", 430.0, "watch")]
 
 
 def test_removed_records_stay_listed_and_leave_the_views(tmp_path):

@@ -58,9 +58,9 @@ class PipelineResult:
 
 
 # Stages that run after the NDJSON stage and before registration (`run all`'s warehouse
-# and reports): (run_id, parent_run_id, artifacts, stages, identity_dir) -> None,
+# and reports): (run_id, parent_run_id, artifacts, stages, identity_dir, staging_dir) -> None,
 # filling in artifacts and stages.
-LaterStages = Callable[[str, "str | None", dict, dict, Path], None]
+LaterStages = Callable[[str, "str | None", dict, dict, Path, Path], None]
 
 
 class IdentityWork(WorkDir):
@@ -267,7 +267,7 @@ def _after_staging(run: _NewRun, identity_work: IdentityWork) -> PipelineResult:
     if deid_dir is not None:
         artifacts["deid_dir"] = layout.rel(deid_dir)
     if run.later is not None:
-        run.later(run_id, run.parent_id, artifacts, stages, identity_dir)
+        run.later(run_id, run.parent_id, artifacts, stages, identity_dir, staging_dir)
     staging_dir = run.staging_work.commit(final_staging)
     report_path = staging_dir / "run_report.json"
     atomic_write_json(report_path, {
@@ -431,21 +431,28 @@ def run_all(opts: PipelineOptions, progress: ProgressFn = no_progress) -> Pipeli
     milliseconds between the load's commit and the registry write leaves a loaded,
     unregistered run; the next `run all` unloads it first, `doctor` reports it.)
     """
-    from healthdelta import report, warehouse
+    from healthdelta import report, sources, warehouse
 
     layout = opts.layout
 
     def warehouse_and_reports(run_id: str, parent_id: str | None, artifacts: dict, stages: dict,
-                              identity_dir: Path) -> None:
+                              identity_dir: Path, staging_dir: Path) -> None:
         registered = set(registry.read_registry(layout.state).runs)
         if layout.warehouse.exists():
             stale = [r for r in warehouse.loaded_runs(layout.warehouse) if r not in registered]
             for stale_run in stale:
                 warehouse.unload_run(layout.warehouse, stale_run)
         entry = {"run_id": run_id, "parent_run_id": parent_id, "mode": opts.mode, "created_at": registry.utc_now()}
+        locale = report.export_locale(staging_dir)
+        if locale:  # the report's units follow it
+            entry["locale"] = locale
         loaded = warehouse.load_run(layout.warehouse, layout.ndjson / run_id, entry, progress=progress)
         try:
-            labels = share_person_labels(identity_dir) if opts.mode == "share" else None
+            if (layout.state / sources.FILE_NAME).is_file():
+                warehouse.set_source_priority(layout.warehouse, sources.read_priority_file(
+                    layout.state / sources.FILE_NAME, classes_only=opts.mode == "share"))
+            labels = (share_person_labels(identity_dir) if opts.mode == "share"
+                      else report.local_person_labels(identity_dir))
             built = report.build_report(layout.warehouse, layout.reports / run_id, mode=opts.mode, run_id=run_id,
                                         person_labels=labels, progress=progress)
         except BaseException:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,8 @@ from typing import Any, Mapping
 
 import duckdb
 
-from healthdelta import __version__, charts, warehouse
-from healthdelta.errors import UsageError
+from healthdelta import __version__, charts, identity, units, warehouse
+from healthdelta.errors import HealthDeltaError, UsageError
 from healthdelta.fsutil import WorkDir, atomic_write_bytes, json_bytes
 from healthdelta.ndjson import STREAMS
 from healthdelta.progress import ProgressFn, no_progress
@@ -58,6 +59,7 @@ class _Ctx:
     mode: str
     labels: dict[str | None, str]
     run: dict[str, Any] | None
+    system: str = "metric"  # display units: units.SYSTEMS
     data: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -75,23 +77,27 @@ class _Ctx:
 
 
 def build_report(db_path: Path, out_dir: Path, *, mode: str = "local", run_id: str | None = None,
-                 person_labels: Mapping[str, str] | None = None,
+                 person_labels: Mapping[str, str] | None = None, units_system: str | None = None,
                  progress: ProgressFn = no_progress) -> ReportResult:
     """Write the report files into `out_dir` (replaced as a whole, atomically).
 
     `run_id` selects the run of the "since last run" section (default: the run loaded
     last). `person_labels` maps canonical_person_id to a label (share mode: must be
-    `Patient N` labels, e.g. the identity stage's mapping).
+    `Patient N` labels, e.g. the identity stage's mapping). `units_system` ('metric' or
+    'us') overrides the units the export itself is written in (`export_units`).
     """
     if mode not in MODES:
         raise UsageError("--mode must be local or share")
+    if units_system is not None and units_system not in units.SYSTEMS:
+        raise UsageError("--units must be metric or us")
     con = warehouse.connect(db_path, read_only=True)
     try:
         if not warehouse.is_initialised(con):
             raise UsageError("the warehouse is empty; load a run first (`healthdelta duckdb build`)")
+        _check_views(con)
         run = _select_run(con, run_id)
         labels = person_label_map(con, mode, person_labels)
-        ctx = _Ctx(con, mode, labels, run)
+        ctx = _Ctx(con, mode, labels, run, units_system or export_units(con))
         _collect(ctx)
         progress("report", 1, 3)
         files = {
@@ -114,15 +120,19 @@ def build_report(db_path: Path, out_dir: Path, *, mode: str = "local", run_id: s
                         people=len([k for k in labels if k is not None]))
 
 
-def show(db_path: Path) -> list[str]:
-    """Lines for `report show`: tables and counts, people, date range, top types, last run's delta."""
+def show(db_path: Path, *, units_system: str | None = None) -> list[str]:
+    """Lines for `report show`: tables and counts, people, date range, top types, latest
+    values (in the export's units unless `units_system` is given), last run's delta."""
+    if units_system is not None and units_system not in units.SYSTEMS:
+        raise UsageError("--units must be metric or us")
     con = warehouse.connect(db_path, read_only=True)
     try:
         if not warehouse.is_initialised(con):
             return ["warehouse: empty (no run loaded)"]
+        _check_views(con)
         run = _select_run(con, None)
-        ctx = _Ctx(con, "local", person_label_map(con, "local", None), run)
-        _collect(ctx, light=True)
+        ctx = _Ctx(con, "local", person_label_map(con, "local", None), run, units_system or export_units(con))
+        _collect(ctx)
     finally:
         con.close()
     d = ctx.data
@@ -141,6 +151,10 @@ def show(db_path: Path) -> list[str]:
     lines.append("top record types:")
     for t in d["top_types"][:10]:
         lines.append(f"  {t['record_type']}  ({t['stream']})  {t['records']:,}")
+    metrics = _metrics(ctx)
+    if metrics:
+        lines.append(f"latest values ({ctx.system} units):")
+        lines += [f"  {m['person']}: {'; '.join(_metric_phrases(m))}" for m in metrics]
     s = d["since"]
     if s:
         lines.append(f"last run: {s['run_id'][:12]} (load {s['load_seq']}, {s['load_mode']}"
@@ -180,6 +194,50 @@ def person_label_map(con: duckdb.DuckDBPyConnection, mode: str,
         else:
             labels[pid] = given or pid
     return labels
+
+
+def export_locale(run_dir: Path) -> str | None:
+    """`<HealthData locale="...">` of a staged run's export.xml, or None."""
+    from healthdelta.parse.healthkit import read_me
+
+    try:
+        layout = json.loads((run_dir / "layout.json").read_text(encoding="utf-8"))
+        locale = read_me(run_dir / layout["export_xml"]).get("locale")
+    except (OSError, ValueError, KeyError, TypeError, HealthDeltaError):
+        return None
+    return locale if isinstance(locale, str) and len(locale) <= 35 else None
+
+
+def export_units(con: duckdb.DuckDBPyConnection) -> str:
+    """'us' or 'metric': from the locale of the newest loaded run that recorded one
+    (`run all` does: en_US -> us), else from the units the exports' own body mass,
+    distance and temperature samples are written in (the Health app writes the phone's
+    region's units)."""
+    row = con.execute("SELECT registry_entry ->> 'locale' FROM runs WHERE registry_entry ->> 'locale' IS NOT NULL "
+                      "ORDER BY load_seq DESC LIMIT 1").fetchone()
+    if row:
+        return units.system_for_locale(row[0])
+    rows = con.execute(
+        "SELECT unit, count(*) FROM observations WHERE source = 'healthkit' AND unit IN "
+        "('lb', 'kg', 'mi', 'km', 'degF', 'degC', 'ft', 'in', 'cm', 'm', 'yd') GROUP BY unit").fetchall()
+    return units.system_for_units(dict(rows))
+
+
+def local_person_labels(identity_dir: Path) -> dict[str, str]:
+    """Local mode, for the owner's own eyes: each person by the first name the identity
+    store knows for them (people without one keep their id)."""
+    out = {}
+    for person in identity.load_people_pii(identity_dir):
+        names = [text for name in person.names for text in identity.name_strings(name)]
+        if names:
+            out[person.person_id] = names[0]
+    return out
+
+
+def _check_views(con: duckdb.DuckDBPyConnection) -> None:
+    if not warehouse.views_current(con):
+        raise UsageError("the warehouse's views are from an older version of healthdelta; "
+                         "renew them with `healthdelta duckdb build`")
 
 
 def _select_run(con: duckdb.DuckDBPyConnection, run_id: str | None) -> dict[str, Any] | None:
@@ -222,7 +280,7 @@ def _create_counts(ctx: _Ctx) -> None:
 _CURRENT = "removed_in_run IS NULL"
 
 
-def _collect(ctx: _Ctx, light: bool = False) -> None:
+def _collect(ctx: _Ctx) -> None:
     d = ctx.data
     con = ctx.con
     d["tables"] = {s: con.execute(f"SELECT count(*) FROM {s}").fetchone()[0] for s in STREAMS}
@@ -246,8 +304,6 @@ def _collect(ctx: _Ctx, light: bool = False) -> None:
             f"GROUP BY 1, 2 ORDER BY total DESC, 1, 2 LIMIT {TOP_TYPES}")
     ]
     d["since"] = _since(ctx) if ctx.run else None
-    if light:
-        return
     _coverage(ctx)
     _series(ctx)
 
@@ -344,24 +400,25 @@ def _series(ctx: _Ctx) -> None:
     sleep = by_person("SELECT canonical_person_id, night::VARCHAR, stage, minutes FROM sleep_nightly "
                       "WHERE night IS NOT NULL ORDER BY 1, 2, 3")
     d["sleep"] = [(ctx.label(p), sleep[p]) for p in persons if p in sleep]
+    nights = by_person("SELECT canonical_person_id, night::VARCHAR, asleep_minutes FROM sleep_per_night "
+                       "WHERE night IS NOT NULL AND asleep_minutes > 0 ORDER BY 1, 2")
+    d["nights"] = [(ctx.label(p), nights[p]) for p in persons if p in nights]
     workouts = by_person(
         "SELECT canonical_person_id, date_trunc('week', local_date)::DATE::VARCHAR, activity, count(*), "
         "sum(CAST(duration_min AS DECIMAL(18, 3))), sum(CAST(energy_kcal AS DECIMAL(18, 3))), "
         "sum(CAST(distance_km AS DECIMAL(18, 3))) FROM workout_summary "
         "WHERE local_date IS NOT NULL GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")
     d["workouts"] = [(ctx.label(p), workouts[p]) for p in persons if p in workouts]
-    weight = by_person(
-        "SELECT canonical_person_id, day::VARCHAR, "
-        "CAST(sum(CAST(kg AS DECIMAL(18, 4))) / count(*) AS DOUBLE) FROM body_mass "
-        "WHERE day IS NOT NULL AND kg IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2")
+    weight = by_person("SELECT canonical_person_id, day::VARCHAR, kg FROM body_mass_daily "
+                       "WHERE day IS NOT NULL ORDER BY 1, 2")
     d["weight"] = [(ctx.label(p), weight[p]) for p in persons if p in weight]
     labs = by_person(
-        "SELECT canonical_person_id, COALESCE(name, code, ''), code, strftime(effective_time, '%Y-%m-%d'), "
+        "SELECT canonical_person_id, COALESCE(name, code, ''), code, local_date::VARCHAR, "
         "value, value_text, unit, value_comparator, value_low, value_high, "
         "json_extract_string(reference_range, '$[0].low'), json_extract_string(reference_range, '$[0].high'), "
-        "json_extract_string(reference_range, '$[0].unit'), "
+        "json_extract_string(reference_range, '$[0].unit'), reference_range_text, "
         "COALESCE(json_extract_string(interpretation, '$[0].code'), "
-        "         CASE WHEN json_type(interpretation) = 'VARCHAR' THEN interpretation ->> '$' END) "
+        "         CASE WHEN json_type(interpretation) = 'VARCHAR' THEN interpretation ->> '$' END), status "
         "FROM lab_results_latest ORDER BY 1, 2, 3, 4")
     d["labs"] = [(ctx.label(p), labs[p]) for p in persons if p in labs]
 
@@ -388,6 +445,7 @@ def _summary(ctx: _Ctx) -> dict[str, Any]:
         "people": d["people"],
         "top_record_types": d["top_types"],
         "since_last_run": d["since"],
+        "units": ctx.system,
         "metrics": _metrics(ctx),
     }
     return summary
@@ -406,23 +464,35 @@ def _metrics(ctx: _Ctx) -> list[dict[str, Any]]:
     for label, rows in d["rhr"]:
         out.setdefault(label, {})["resting_heart_rate"] = {"days": len(rows), "last_day": rows[-1][0],
                                                            "last_bpm": _num(rows[-1][1])}
-    for label, rows in d["sleep"]:
-        nights: dict[str, float] = {}
-        for night, stage, minutes in rows:
-            if stage.startswith("Asleep"):
-                nights[night] = nights.get(night, 0.0) + float(minutes)
-        if nights:
-            recent = sorted(nights)[-30:]
-            out.setdefault(label, {})["sleep"] = {
-                "nights": len(nights), "last_night": recent[-1],
-                "mean_asleep_hours_last_30_nights": _num(sum(nights[n] for n in recent) / len(recent) / 60, 2),
-            }
+    for label, rows in d["nights"]:
+        recent = rows[-30:]
+        out.setdefault(label, {})["sleep"] = {
+            "nights": len(rows), "last_night": rows[-1][0],
+            "mean_asleep_hours_last_30_nights": _num(sum(float(r[1]) for r in recent) / len(recent) / 60, 2),
+        }
     for label, rows in d["workouts"]:
         out.setdefault(label, {})["workouts"] = {"count": sum(r[2] for r in rows), "weeks": len({r[0] for r in rows})}
     for label, rows in d["weight"]:
+        shown, unit = units.display(rows[-1][1], "kg", ctx.system)
         out.setdefault(label, {})["weight"] = {"measurements": len(rows), "last_day": rows[-1][0],
-                                               "last_kg": _num(rows[-1][1])}
+                                               "last_kg": _num(rows[-1][1]), "last": _num(shown), "unit": unit}
     return [{"person": label, **values} for label, values in sorted(out.items(), key=lambda kv: _label_key(kv[0]))]
+
+
+def _metric_phrases(m: dict[str, Any]) -> list[str]:
+    parts = []
+    if "steps" in m:
+        parts.append(f"{m['steps']['mean_last_30_days']:,} steps a day (last 30 days of data)")
+    if "resting_heart_rate" in m:
+        parts.append(f"resting heart rate {m['resting_heart_rate']['last_bpm']} bpm "
+                     f"({m['resting_heart_rate']['last_day']})")
+    if "sleep" in m:
+        parts.append(f"{m['sleep']['mean_asleep_hours_last_30_nights']} h asleep a night (last 30 nights)")
+    if "workouts" in m:
+        parts.append(f"{m['workouts']['count']} workouts")
+    if "weight" in m:
+        parts.append(f"weight {m['weight']['last']} {m['weight']['unit']} ({m['weight']['last_day']})")
+    return parts
 
 
 def _csv(header: tuple[str, ...], rows: list[tuple]) -> bytes:
@@ -465,19 +535,7 @@ def _markdown(ctx: _Ctx) -> str:
     if metrics:
         lines += ["", "## Latest values", ""]
         for m in metrics:
-            parts = []
-            if "steps" in m:
-                parts.append(f"{m['steps']['mean_last_30_days']:,} steps a day (last 30 days of data)")
-            if "resting_heart_rate" in m:
-                parts.append(f"resting heart rate {m['resting_heart_rate']['last_bpm']} bpm "
-                             f"({m['resting_heart_rate']['last_day']})")
-            if "sleep" in m:
-                parts.append(f"{m['sleep']['mean_asleep_hours_last_30_nights']} h asleep a night (last 30 nights)")
-            if "workouts" in m:
-                parts.append(f"{m['workouts']['count']} workouts")
-            if "weight" in m:
-                parts.append(f"weight {m['weight']['last_kg']} kg ({m['weight']['last_day']})")
-            lines.append(f"- {_md(m['person'])}: " + "; ".join(parts))
+            lines.append(f"- {_md(m['person'])}: " + "; ".join(_metric_phrases(m)))
     lines += ["", "## Tables", "", "| table | rows |", "|---|---:|"]
     lines += [f"| {k} | {v:,} |" for k, v in d["tables"].items()]
     lines += ["", "## Top record types", "", "| type | stream | records |", "|---|---|---:|"]
@@ -529,8 +587,10 @@ def _charts(ctx: _Ctx) -> dict[str, list[charts.Chart]]:
             f"chart-sleep-{i}", label, nights,
             [(s, [_num(minutes[(n, s)] / 60, 2) if (n, s) in minutes else None for n in nights]) for s in stages]))
     if d["weight"]:
-        out["body"].append(charts.body_mass(
-            [(label, [r[0] for r in rows], [_num(r[1], 2) for r in rows]) for label, rows in d["weight"]]))
+        unit = units.display(None, "kg", ctx.system)[1]
+        out["body"].append(charts.body_mass(unit, [
+            (label, [r[0] for r in rows], [_num(units.display(r[1], "kg", ctx.system)[0], 2) for r in rows])
+            for label, rows in d["weight"]]))
     return out
 
 
@@ -561,6 +621,18 @@ td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
 .flag { color: #b00020; font-weight: 600; }
 footer { color: var(--muted); text-align: center; font-size: 13px; padding: 0 0 24px; }
 code { font-size: 13px; }
+th, td { overflow-wrap: anywhere; }
+.chart-title { font-size: 15px; margin: 14px 0 0; }
+@media (max-width: 640px) {
+  header { padding: 16px 14px 12px; }
+  header h1 { font-size: 22px; }
+  main { padding: 8px 8px 32px; }
+  section { padding: 12px 10px; margin: 12px 0; }
+  table { font-size: 12px; }
+  th, td { padding: 4px 3px; }
+  .opt { display: none; }
+  .card .v { font-size: 18px; }
+}
 """
 
 
@@ -580,13 +652,16 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def _table(header: list[str], rows: list[list[Any]], numeric: set[int] = frozenset()) -> str:
-    head = "".join(f'<th class="n">{_e(h)}</th>' if i in numeric else f"<th>{_e(h)}</th>"
-                   for i, h in enumerate(header))
-    body = "".join(
-        "<tr>" + "".join(f'<td class="n">{_e(v)}</td>' if i in numeric else f"<td>{_e(v)}</td>"
-                         for i, v in enumerate(row)) + "</tr>"
-        for row in rows)
+def _table(header: list[str], rows: list[list[Any]], numeric: set[int] = frozenset(),
+           optional: set[int] = frozenset()) -> str:
+    """`optional` columns are hidden on a phone-width screen, where every column shares 370 px."""
+    def cls(i: int) -> str:
+        names = " ".join(n for n, on in (("n", i in numeric), ("opt", i in optional)) if on)
+        return f' class="{names}"' if names else ""
+
+    head = "".join(f"<th{cls(i)}>{_e(h)}</th>" for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(f"<td{cls(i)}>{_e(v)}</td>" for i, v in enumerate(row)) + "</tr>"
+                   for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -611,9 +686,11 @@ def _html(ctx: _Ctx) -> str:
     parts.append(_since_html(ctx))
     titles = {"activity": "Activity", "heart": "Resting heart rate", "sleep": "Sleep", "body": "Weight"}
     notes = {
-        "activity": "Steps: where an Apple Watch and an iPhone both counted the same hour, only the Watch "
-                    "counts (as in Apple's Health app), so steps are not counted twice.",
-        "sleep": "A night is named by the morning it ends in; in-bed time is the dotted line.",
+        "activity": "Steps: where sources overlap in time, each minute is counted once, from the source "
+                    "ranked highest (entered by hand, then Apple Watch, then iPhone, then other apps: the "
+                    "Health app's default order); the rest of a sample still counts.",
+        "sleep": "A night is the sleep session that ends between 04:00 and 14:00, named by that morning; "
+                 "its asleep time comes from one source. Naps are not added. In-bed time is the dotted line.",
     }
     for key in ("activity", "heart", "sleep", "body"):
         body = "".join(c.html() for c in groups[key]) or f'<p class="empty">No {titles[key].lower()} data.</p>'
@@ -651,7 +728,7 @@ def _since_html(ctx: _Ctx) -> str:
         out.append("<h3>New records by type</h3>" + _table(
             ["type", "stream", "records", "from", "to"],
             [[pretty_type(t["record_type"]), t["stream"], _fmt_int(t["records"]), t["first_date"], t["last_date"]]
-             for t in s["new_by_type"]], {2}))
+             for t in s["new_by_type"]], {2}, optional={1}))
     if s["removed_by_type"]:
         out.append('<h3 class="flag">Removed records by type</h3>'
                    '<p class="note">Present in the previous export, missing from this one (deleted on the '
@@ -672,7 +749,8 @@ def _labs_html(ctx: _Ctx) -> str:
            '<p class="note">The most recent result of each test, from clinical records (FHIR).</p>']
     for label, rows in labs:
         table_rows = []
-        for name, code, day, value, text, unit, comparator, low, high, rr_low, rr_high, rr_unit, flag in rows:
+        for name, code, day, value, text, unit, comparator, low, high, rr_low, rr_high, rr_unit, rr_text, flag, \
+                status in rows:
             if value is not None:
                 shown = f"{comparator or ''}{_num(value, 2)} {unit or ''}".strip()
             elif low is not None or high is not None:
@@ -684,9 +762,14 @@ def _labs_html(ctx: _Ctx) -> str:
             ref = ""
             if rr_low or rr_high:
                 ref = f"{rr_low or ''}–{rr_high or ''} {rr_unit or ''}".strip()
+            elif rr_text:
+                ref = "(text range)" if ctx.share else rr_text
+            if status and status not in ("final", "amended", "corrected"):
+                shown = f"{shown} ({status})".strip()
             table_rows.append([name, shown, ref, flag or "", day or "", code or ""])
         heading = f"<h3>{_e(label)}</h3>" if len(labs) > 1 or ctx.share else ""
-        out.append(heading + _table(["test", "result", "reference range", "flag", "date", "code"], table_rows))
+        out.append(heading + _table(["test", "result", "reference range", "flag", "date", "code"], table_rows,
+                                    optional={5}))
     out.append("</section>")
     return "".join(out)
 
@@ -702,6 +785,6 @@ def _coverage_html(ctx: _Ctx) -> str:
     top = [[pretty_type(t["record_type"]), t["stream"], _fmt_int(t["records"])] for t in d["top_types"]]
     return ('<section id="coverage"><h2>Coverage</h2>'
             + _table(["person", "stream", "records", "removed", "first", "last", "days with data"], rows,
-                     {2, 3, 6})
-            + "<h3>Most frequent record types</h3>" + _table(["type", "stream", "records"], top, {2})
+                     {2, 3, 6}, optional={3, 6})
+            + "<h3>Most frequent record types</h3>" + _table(["type", "stream", "records"], top, {2}, optional={1})
             + "</section>")

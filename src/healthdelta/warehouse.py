@@ -54,12 +54,13 @@ from typing import IO, Any, Iterable, Mapping
 import duckdb
 import orjson
 
+from healthdelta import sources, units
 from healthdelta.errors import HealthDeltaError, InputError, StateError, UsageError
 from healthdelta.ndjson import STREAMS
 from healthdelta.progress import ProgressFn, no_progress
 
 SCHEMA_VERSION = 1  # tables; a mismatch asks for `duckdb build --replace`
-VIEWS_VERSION = 1  # views and macros; re-created when it changes
+VIEWS_VERSION = 2  # views and macros; re-created when it changes
 QUERY_BATCH_ROWS = 10_000
 
 # --------------------------------------------------------------------------- column specs
@@ -315,15 +316,18 @@ _BASE_DDL = (
 # --------------------------------------------------------------------------- views
 
 _MACROS = (
-    # Apple's default source priority: Apple Watch, then iPhone, then anything else.
     """CREATE OR REPLACE MACRO hd_device_class(device, source_name) AS CASE
         WHEN device LIKE '%model:Watch%' OR device LIKE '%name:Apple Watch%' THEN 'watch'
         WHEN device LIKE '%model:iPhone%' OR device LIKE '%name:iPhone%' THEN 'phone'
         WHEN device IS NULL AND source_name LIKE '%Watch%' THEN 'watch'
         WHEN device IS NULL AND source_name LIKE '%iPhone%' THEN 'phone'
         ELSE 'other' END""",
-    """CREATE OR REPLACE MACRO hd_source_rank(device_class) AS
-        CASE device_class WHEN 'watch' THEN 0 WHEN 'phone' THEN 1 ELSE 2 END""",
+    # The Health app ranks data entered by hand above every device.
+    """CREATE OR REPLACE MACRO hd_source_class(device, source_name, metadata) AS CASE
+        WHEN metadata ->> 'HKWasUserEntered' IN ('1', 'true') THEN 'manual'
+        ELSE hd_device_class(device, source_name) END""",
+    """CREATE OR REPLACE MACRO hd_canonical_unit(unit) AS
+        CASE WHEN unit LIKE 'mmol<%>/L' THEN 'mmol/L' ELSE unit END""",
     # Energy to kcal (HealthKit writes 'Cal' = kcal, 'kcal' or 'kJ') and distance to km.
     """CREATE OR REPLACE MACRO hd_kcal(v, unit) AS CASE
         WHEN unit IN ('Cal', 'kcal') THEN v WHEN unit = 'kJ' THEN v / 4.184 WHEN unit = 'cal' THEN v / 1000 END""",
@@ -332,10 +336,35 @@ _MACROS = (
         WHEN unit = 'yd' THEN v * 0.0009144 WHEN unit = 'ft' THEN v * 0.0003048 END""",
     """CREATE OR REPLACE MACRO hd_minutes(v, unit) AS CASE
         WHEN unit = 'min' THEN v WHEN unit = 's' THEN v / 60 WHEN unit = 'hr' OR unit = 'h' THEN v * 60 END""",
-    """CREATE OR REPLACE MACRO hd_kg(v, unit) AS CASE
-        WHEN unit = 'kg' THEN v WHEN unit = 'lb' THEN v * 0.45359237 WHEN unit = 'g' THEN v / 1000
-        WHEN unit = 'st' THEN v * 6.35029318 END""",
+    # exact decimal sum: the same result whatever order threads add in
+    """CREATE OR REPLACE MACRO hd_exact_sum(x) AS CAST(sum(CAST(x AS DECIMAL(38, 6))) AS DOUBLE)""",
 )
+
+# HealthKit quantity types whose samples add up over time (HKQuantityAggregationStyle
+# cumulative): the Health app de-duplicates them across sources by time.
+CUMULATIVE_TYPES = tuple("HKQuantityTypeIdentifier" + t for t in (
+    "StepCount", "DistanceWalkingRunning", "DistanceCycling", "DistanceSwimming", "DistanceWheelchair",
+    "DistanceDownhillSnowSports", "ActiveEnergyBurned", "BasalEnergyBurned", "FlightsClimbed",
+    "AppleExerciseTime", "AppleStandTime", "AppleMoveTime", "SwimmingStrokeCount", "PushCount",
+    "NikeFuel", "TimeInDaylight",
+))
+_SLEEP_STAGES = {  # HKCategoryValueSleepAnalysis... -> the Health app's name
+    "InBed": "In bed", "Awake": "Awake", "AsleepCore": "Core", "AsleepDeep": "Deep", "AsleepREM": "REM",
+    "AsleepUnspecified": "Asleep (unspecified)", "Asleep": "Asleep (unspecified)",
+}
+UNLISTED_PRIORITY = 1000  # + the class's place in sources.CLASSES: after every listed entry
+SLEEP_GAP_S = 3600  # samples more than an hour apart start a new sleep session
+NIGHT_ENDS = ("04:00", "14:00")  # a session ending in this local window is a night, otherwise a nap
+
+
+def _sql_list(items: Iterable[str]) -> str:
+    return ", ".join("'" + i.replace("'", "''") + "'" for i in items)
+
+
+def _sleep_stage_case() -> str:
+    whens = " ".join(f"WHEN 'HKCategoryValueSleepAnalysis{k}' THEN '{v}'" for k, v in _SLEEP_STAGES.items())
+    return f"CASE value_str {whens} END"
+
 
 _RECORD_TYPE = {
     "observations": "COALESCE(type, details ->> 'hk_type', kind)",
@@ -381,78 +410,222 @@ VIEWS: dict[str, str] = {
         LEFT JOIN runs f ON f.run_id = k.run_id
         LEFT JOIN heads h ON h.lineage_root = f.lineage_root
         LEFT JOIN runs r ON r.run_id = x.removed_in_run""",
-    # Steps: per person and local clock hour (of the sample's start), only the samples of
-    # the one best source of that hour count (Apple Watch before iPhone before others,
-    # then by source name). A Watch and an iPhone both count the same walk; Apple's
-    # Health app shows one of them, and so do we. `steps_all_sources` is the naive sum.
-    "daily_steps": """CREATE OR REPLACE VIEW daily_steps AS
-        WITH samples AS (
-            SELECT o.canonical_person_id, left(o.start_date_local, 13) AS local_hour,
-                   hd_device_class(o.device, o.source_name) AS device_class,
-                   COALESCE(o.source_name, '') AS source_name, o.value
-            FROM observations o
-            WHERE o.type = 'HKQuantityTypeIdentifierStepCount' AND o.source = 'healthkit'
-              AND o.value IS NOT NULL AND o.start_date_local IS NOT NULL
-              AND NOT EXISTS (SELECT 1 FROM removed_records x WHERE x.record_key = o.record_key)
-        ), per_source AS (
-            SELECT canonical_person_id, local_hour, device_class, source_name,
-                   sum(value) AS steps, count(*) AS samples
-            FROM samples GROUP BY ALL
-        ), ranked AS (
-            SELECT *, row_number() OVER (PARTITION BY canonical_person_id, local_hour
-                                         ORDER BY hd_source_rank(device_class), source_name) AS rank,
-                      sum(steps) OVER (PARTITION BY canonical_person_id, local_hour) AS hour_all_sources
-            FROM per_source
-        )
-        SELECT canonical_person_id, TRY_CAST(left(local_hour, 10) AS DATE) AS day,
-               sum(steps) AS steps,
-               sum(hour_all_sources) AS steps_all_sources,
-               count(*) FILTER (WHERE device_class = 'watch') AS watch_hours,
-               count(*) FILTER (WHERE device_class = 'phone') AS phone_hours,
-               count(*) FILTER (WHERE device_class = 'other') AS other_hours
-        FROM ranked WHERE rank = 1 GROUP BY ALL""",
-    "resting_heart_rate_daily": """CREATE OR REPLACE VIEW resting_heart_rate_daily AS
-        SELECT o.canonical_person_id, o.local_date AS day,
-               -- exact decimal sum: the same result whatever order threads add in
-               CAST(sum(CAST(o.value AS DECIMAL(18, 3))) / count(*) AS DOUBLE) AS bpm,
-               min(o.value) AS bpm_min, max(o.value) AS bpm_max, count(*) AS samples
+    # Every HealthKit sample with its source class, priority and normalised value.
+    # source_priority: position of the source's name in the `source_priority` table,
+    # else of its class; when neither is listed, after every listed one in the default
+    # order (1001 manual .. 1004 other). value_si/unit_si: units.CONVERSIONS.
+    "unit_conversions": "CREATE OR REPLACE VIEW unit_conversions AS SELECT * FROM " + units.sql_values(),
+    "healthkit_samples": f"""CREATE OR REPLACE VIEW healthkit_samples AS
+        SELECT o.record_key, o.canonical_person_id, o.type, o.start_date, o.end_date, o.start_date_local,
+               o.end_date_local, o.local_date, COALESCE(o.utc_offset_min, 0) AS utc_offset_min,
+               o.value, o.value_str, o.unit, o.value * u.factor + u.shift AS value_si, u.unit_si,
+               o.source_name, o.device, hd_source_class(o.device, o.source_name, o.metadata) AS source_class,
+               COALESCE(pn.position, pc.position,
+                        {UNLISTED_PRIORITY} + list_position([{_sql_list(sources.CLASSES)}],
+                                                           hd_source_class(o.device, o.source_name, o.metadata)))
+                   AS source_priority
         FROM observations o
-        WHERE o.type = 'HKQuantityTypeIdentifierRestingHeartRate' AND o.source = 'healthkit'
-          AND o.value IS NOT NULL
-          AND NOT EXISTS (SELECT 1 FROM removed_records x WHERE x.record_key = o.record_key)
-        GROUP BY ALL""",
-    # Sleep: a night is named by the local date of the morning it ends in: a sample
-    # ending between noon of the day before and noon of day D belongs to night D (so
-    # the part of a night before midnight is not split off; an afternoon nap counts
-    # with the following night). Per person, night and stage only the best source
-    # counts (as for steps), so an iPhone and a Watch both writing 'InBed' are not
-    # added up. Stages: InBed, Awake, Asleep (unspecified or pre-2022), AsleepCore,
-    # AsleepDeep, AsleepREM.
-    "sleep_nightly": """CREATE OR REPLACE VIEW sleep_nightly AS
-        WITH samples AS (
-            SELECT o.canonical_person_id,
-                   CAST(TRY_CAST(left(o.end_date_local, 19) AS TIMESTAMP) + INTERVAL 12 HOUR AS DATE) AS night,
-                   CASE replace(o.value_str, 'HKCategoryValueSleepAnalysis', '')
-                        WHEN 'AsleepUnspecified' THEN 'Asleep'
-                        ELSE replace(o.value_str, 'HKCategoryValueSleepAnalysis', '') END AS stage,
-                   hd_device_class(o.device, o.source_name) AS device_class,
-                   COALESCE(o.source_name, '') AS source_name,
-                   date_diff('second', o.start_date, o.end_date) AS seconds
-            FROM observations o
-            WHERE o.type = 'HKCategoryTypeIdentifierSleepAnalysis' AND o.source = 'healthkit'
-              AND o.value_str IS NOT NULL AND o.end_date >= o.start_date
-              AND NOT EXISTS (SELECT 1 FROM removed_records x WHERE x.record_key = o.record_key)
-        ), per_source AS (
-            SELECT canonical_person_id, night, stage, device_class, source_name,
-                   sum(seconds) AS seconds, count(*) AS samples
-            FROM samples GROUP BY ALL
-        ), ranked AS (
-            SELECT *, row_number() OVER (PARTITION BY canonical_person_id, night, stage
-                                         ORDER BY hd_source_rank(device_class), source_name) AS rank
-            FROM per_source
+        LEFT JOIN unit_conversions u ON u.unit = hd_canonical_unit(o.unit)
+        LEFT JOIN source_priority pn ON pn.entry = o.source_name
+        LEFT JOIN source_priority pc ON pc.entry = hd_source_class(o.device, o.source_name, o.metadata)
+        WHERE o.source = 'healthkit' AND o.start_date IS NOT NULL AND o.end_date >= o.start_date
+          AND NOT EXISTS (SELECT 1 FROM removed_records x WHERE x.record_key = o.record_key)""",
+    "quantity_samples": """CREATE OR REPLACE VIEW quantity_samples AS
+        SELECT * EXCLUDE (value_str) FROM healthkit_samples WHERE value IS NOT NULL""",
+    # Cumulative types, de-duplicated as the Health app does (runbook: "Source priority"):
+    # on the UTC time line, each second goes to the best-ranked source with a sample
+    # covering it; a sample keeps the share of its value that its kept seconds are of
+    # its duration. Samples are first cut at their own local midnights, so a sample
+    # crossing midnight is shared between the days pro rata. How, without an interval
+    # join (quadratic on millions of samples): every piece boundary is a grid point; per
+    # source key a running sum of +1/-1 events says whether the key covers the segment
+    # after a grid point (ASOF join), the best covering key owns the segment, and a
+    # running sum of owned seconds per key turns "kept seconds of [a, b)" into C(b) - C(a).
+    "cumulative_pieces": f"""CREATE OR REPLACE VIEW cumulative_pieces AS
+        WITH s AS (
+            SELECT COALESCE(canonical_person_id, '') AS person, type, record_key, source_class,
+                   COALESCE(source_name, '') AS source_name, source_priority, unit_si, value_si,
+                   CAST(epoch(start_date) AS BIGINT) AS t0, CAST(epoch(end_date) AS BIGINT) AS t1,
+                   utc_offset_min * 60 AS off
+            FROM quantity_samples
+            WHERE type IN ({_sql_list(CUMULATIVE_TYPES)}) AND value_si IS NOT NULL
+        ), sources AS (
+            SELECT *, dense_rank() OVER (PARTITION BY person, type
+                                         ORDER BY source_priority, source_class, source_name) AS skey
+            FROM (SELECT DISTINCT person, type, source_priority, source_class, source_name FROM s)
+        ), cut AS (
+            SELECT s.*, k.skey, unnest(range((s.t0 + s.off) // 86400, (s.t1 + s.off) // 86400 + 1)) AS day_index
+            FROM s JOIN sources k USING (person, type, source_priority, source_class, source_name)
+        ), pieces AS (
+            SELECT * FROM (
+                SELECT *, greatest(t0, day_index * 86400 - off) AS a, least(t1, (day_index + 1) * 86400 - off) AS b
+                FROM cut)
+            WHERE b > a OR t1 = t0
+        ), ev AS (
+            SELECT person, type, skey, t, sum(d) AS d FROM (
+                SELECT person, type, skey, a AS t, 1 AS d FROM pieces
+                UNION ALL SELECT person, type, skey, b AS t, -1 AS d FROM pieces)
+            GROUP BY ALL
+        ), act AS (
+            SELECT person, type, skey, t, sum(d) OVER (PARTITION BY person, type, skey ORDER BY t) AS n FROM ev
+        ), grid AS (
+            SELECT b.person, b.type, b.t, k.skey
+            FROM (SELECT DISTINCT person, type, t FROM ev) b JOIN (SELECT DISTINCT person, type, skey FROM ev) k
+                 USING (person, type)
+        ), covered AS (
+            SELECT g.person, g.type, g.t, g.skey, COALESCE(a.n, 0) AS n
+            FROM grid g ASOF LEFT JOIN act a
+                 ON a.person = g.person AND a.type = g.type AND a.skey = g.skey AND a.t <= g.t
+        ), owned AS (
+            SELECT *, min(skey) FILTER (WHERE n > 0) OVER (PARTITION BY person, type, t) AS best,
+                      lead(t) OVER (PARTITION BY person, type, skey ORDER BY t) - t AS len
+            FROM covered
+        ), cum AS (
+            SELECT person, type, skey, t, best,
+                   COALESCE(sum(CASE WHEN best = skey THEN len ELSE 0 END) OVER (
+                       PARTITION BY person, type, skey ORDER BY t
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS c
+            FROM owned
         )
-        SELECT canonical_person_id, night, stage, seconds / 60.0 AS minutes, samples, device_class
-        FROM ranked WHERE rank = 1""",
+        SELECT NULLIF(p.person, '') AS canonical_person_id, p.type, p.record_key,
+               CAST(DATE '1970-01-01' + CAST(p.day_index AS INTEGER) AS DATE) AS day,
+               p.source_class, NULLIF(p.source_name, '') AS source_name, p.source_priority, p.unit_si,
+               to_timestamp(p.a) AS piece_start, to_timestamp(p.b) AS piece_end,
+               CASE WHEN p.t1 = p.t0 THEN p.value_si ELSE p.value_si * (p.b - p.a) / (p.t1 - p.t0) END
+                   AS value_all_sources,
+               CASE WHEN p.t1 = p.t0 THEN (CASE WHEN ca.best IS NULL OR ca.best >= p.skey THEN p.value_si ELSE 0 END)
+                    ELSE p.value_si * (cb.c - ca.c) / (p.t1 - p.t0) END AS value_kept
+        FROM pieces p
+        JOIN cum ca ON ca.person = p.person AND ca.type = p.type AND ca.skey = p.skey AND ca.t = p.a
+        JOIN cum cb ON cb.person = p.person AND cb.type = p.type AND cb.skey = p.skey AND cb.t = p.b""",
+    "daily_totals": """CREATE OR REPLACE VIEW daily_totals AS
+        SELECT canonical_person_id, type, day, unit_si,
+               hd_exact_sum(value_kept) AS total, hd_exact_sum(value_all_sources) AS total_all_sources,
+               hd_exact_sum(CASE WHEN source_class = 'manual' THEN value_kept END) AS manual,
+               hd_exact_sum(CASE WHEN source_class = 'watch' THEN value_kept END) AS watch,
+               hd_exact_sum(CASE WHEN source_class = 'phone' THEN value_kept END) AS phone,
+               hd_exact_sum(CASE WHEN source_class = 'other' THEN value_kept END) AS other
+        FROM cumulative_pieces GROUP BY ALL""",
+    "daily_steps": """CREATE OR REPLACE VIEW daily_steps AS
+        SELECT canonical_person_id, day, total AS steps, total_all_sources AS steps_all_sources,
+               COALESCE(manual, 0) AS manual_steps, COALESCE(watch, 0) AS watch_steps,
+               COALESCE(phone, 0) AS phone_steps, COALESCE(other, 0) AS other_steps
+        FROM daily_totals WHERE type = 'HKQuantityTypeIdentifierStepCount'""",
+    # Types that are not cumulative (heart rate, HRV, weight, ...): one value per person,
+    # type and local day, from the one best-ranked source with data that day; mixing a
+    # Watch's readings with another app's would move the day's mean with whichever
+    # device happened to be worn. value: the mean of that source's samples (normalised).
+    "daily_values": f"""CREATE OR REPLACE VIEW daily_values AS
+        WITH per_source AS (
+            SELECT canonical_person_id, type, local_date AS day, source_priority, source_class,
+                   COALESCE(source_name, '') AS source_name, unit_si,
+                   CAST(sum(CAST(value_si AS DECIMAL(38, 6))) / count(*) AS DOUBLE) AS value,
+                   min(value_si) AS value_min, max(value_si) AS value_max, count(*) AS samples
+            FROM quantity_samples
+            WHERE type NOT IN ({_sql_list(CUMULATIVE_TYPES)}) AND value_si IS NOT NULL
+            GROUP BY ALL
+        )
+        SELECT canonical_person_id, type, day, unit_si, value, value_min, value_max, samples, source_class,
+               NULLIF(source_name, '') AS source_name
+        FROM (SELECT *, row_number() OVER (PARTITION BY canonical_person_id, type, day
+                                           ORDER BY source_priority, source_class, source_name, unit_si) AS rank
+              FROM per_source)
+        WHERE rank = 1""",
+    "resting_heart_rate_daily": """CREATE OR REPLACE VIEW resting_heart_rate_daily AS
+        SELECT canonical_person_id, day, value AS bpm, value_min AS bpm_min, value_max AS bpm_max, samples,
+               source_class, source_name
+        FROM daily_values WHERE type = 'HKQuantityTypeIdentifierRestingHeartRate'""",
+    "heart_rate_daily": """CREATE OR REPLACE VIEW heart_rate_daily AS
+        SELECT canonical_person_id, day, value AS bpm, value_min AS bpm_min, value_max AS bpm_max, samples,
+               source_class, source_name
+        FROM daily_values WHERE type = 'HKQuantityTypeIdentifierHeartRate'""",
+    "hrv_daily": """CREATE OR REPLACE VIEW hrv_daily AS
+        SELECT canonical_person_id, day, round(value * 1000, 3) AS sdnn_ms, samples, source_class, source_name
+        FROM daily_values WHERE type = 'HKQuantityTypeIdentifierHeartRateVariabilitySDNN'""",
+    "body_mass_daily": """CREATE OR REPLACE VIEW body_mass_daily AS
+        SELECT canonical_person_id, day, value AS kg, samples, source_class, source_name
+        FROM daily_values WHERE type = 'HKQuantityTypeIdentifierBodyMass'""",
+    # Sleep (runbook: "Sleep"): samples of every source, per person, form sessions
+    # (a gap over SLEEP_GAP_S starts a new one). A session ending between NIGHT_ENDS
+    # local time is the night of that date, any other is a nap. In a session, asleep
+    # time and stages come from the one best-ranked source that has asleep samples in
+    # it, in-bed time from the best-ranked source with in-bed samples.
+    "sleep_samples": f"""CREATE OR REPLACE VIEW sleep_samples AS
+        WITH s AS (
+            SELECT COALESCE(canonical_person_id, '') AS person, record_key, start_date, end_date, end_date_local,
+                   CAST(epoch(start_date) AS BIGINT) AS t0, CAST(epoch(end_date) AS BIGINT) AS t1,
+                   {_sleep_stage_case()} AS stage, source_priority, source_class,
+                   COALESCE(source_name, '') AS source_name
+            FROM healthkit_samples WHERE type = 'HKCategoryTypeIdentifierSleepAnalysis'
+        ), flagged AS (
+            SELECT *, CASE WHEN t0 > max(t1) OVER (PARTITION BY person ORDER BY t0, t1, record_key
+                                                   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                                     + {SLEEP_GAP_S} THEN 1 ELSE 0 END AS starts_session
+            FROM s WHERE stage IS NOT NULL
+        ), sessions AS (
+            SELECT *, CAST(sum(starts_session) OVER (PARTITION BY person ORDER BY t0, t1, record_key) AS BIGINT)
+                          AS session_no
+            FROM flagged
+        ), bounds AS (
+            SELECT person, session_no, min(start_date) AS session_start, max(end_date) AS session_end,
+                   arg_max(end_date_local, t1) AS end_local
+            FROM sessions GROUP BY ALL
+        )
+        SELECT NULLIF(x.person, '') AS canonical_person_id, x.record_key, x.stage,
+               x.stage NOT IN ('In bed', 'Awake') AS asleep, x.t1 - x.t0 AS seconds,
+               x.source_priority, x.source_class, NULLIF(x.source_name, '') AS source_name,
+               b.session_no, b.session_start, b.session_end, CAST(left(b.end_local, 10) AS DATE) AS date,
+               CASE WHEN substr(b.end_local, 12, 5) BETWEEN '{NIGHT_ENDS[0]}' AND '{NIGHT_ENDS[1]}'
+                    THEN 'night' ELSE 'nap' END AS kind
+        FROM sessions x JOIN bounds b USING (person, session_no)""",
+    "sleep_sessions": """CREATE OR REPLACE VIEW sleep_sessions AS
+        WITH per_source AS (
+            SELECT canonical_person_id, session_no, source_priority, source_class,
+                   COALESCE(source_name, '') AS source_name,
+                   sum(seconds) FILTER (WHERE asleep) AS asleep_s,
+                   sum(seconds) FILTER (WHERE stage = 'Awake') AS awake_s,
+                   sum(seconds) FILTER (WHERE stage = 'In bed') AS in_bed_s
+            FROM sleep_samples GROUP BY ALL
+        ), best AS (
+            SELECT canonical_person_id, session_no,
+                   arg_min(struct_pack(s := source_name, c := source_class, asleep := asleep_s, awake := awake_s),
+                           struct_pack(p := source_priority, c := source_class, s := source_name))
+                       FILTER (WHERE asleep_s IS NOT NULL) AS a,
+                   arg_min(struct_pack(s := source_name, in_bed := in_bed_s),
+                           struct_pack(p := source_priority, c := source_class, s := source_name))
+                       FILTER (WHERE in_bed_s IS NOT NULL) AS b
+            FROM per_source GROUP BY ALL
+        ), sessions AS (
+            SELECT DISTINCT canonical_person_id, session_no, session_start, session_end, date, kind FROM sleep_samples
+        )
+        SELECT x.canonical_person_id, x.session_no, x.kind, x.date AS night, x.session_start, x.session_end,
+               COALESCE(b.a.asleep, 0) / 60.0 AS asleep_minutes, COALESCE(b.a.awake, 0) / 60.0 AS awake_minutes,
+               COALESCE(b.b.in_bed, 0) / 60.0 AS in_bed_minutes,
+               b.a.c AS asleep_source_class, NULLIF(b.a.s, '') AS asleep_source, NULLIF(b.b.s, '') AS in_bed_source
+        FROM sessions x JOIN best b
+             ON b.canonical_person_id IS NOT DISTINCT FROM x.canonical_person_id AND b.session_no = x.session_no""",
+    # One row per night: the nights' sessions added up; naps of that date beside, not in it.
+    "sleep_per_night": """CREATE OR REPLACE VIEW sleep_per_night AS
+        SELECT canonical_person_id, night,
+               sum(asleep_minutes) FILTER (WHERE kind = 'night') AS asleep_minutes,
+               sum(in_bed_minutes) FILTER (WHERE kind = 'night') AS in_bed_minutes,
+               sum(awake_minutes) FILTER (WHERE kind = 'night') AS awake_minutes,
+               COALESCE(sum(asleep_minutes) FILTER (WHERE kind = 'nap'), 0) AS nap_minutes,
+               min(asleep_source) FILTER (WHERE kind = 'night') AS asleep_source,
+               min(in_bed_source) FILTER (WHERE kind = 'night') AS in_bed_source
+        FROM sleep_sessions GROUP BY ALL""",
+    # Minutes per night and stage: the stages of each night session's asleep source and
+    # the in-bed time of its in-bed source (naps left out).
+    "sleep_nightly": """CREATE OR REPLACE VIEW sleep_nightly AS
+        SELECT s.canonical_person_id, s.date AS night, s.stage, sum(s.seconds) / 60.0 AS minutes,
+               count(*) AS samples, min(s.source_class) AS device_class, min(s.source_name) AS source_name
+        FROM sleep_samples s JOIN sleep_sessions x
+             ON x.canonical_person_id IS NOT DISTINCT FROM s.canonical_person_id AND x.session_no = s.session_no
+        WHERE s.kind = 'night'
+          AND COALESCE(s.source_name, '') = COALESCE(CASE WHEN s.stage = 'In bed' THEN x.in_bed_source
+                                                          ELSE x.asleep_source END, '')
+          AND (s.stage = 'In bed' OR s.source_class = x.asleep_source_class)
+        GROUP BY ALL""",
     # Workouts: energy and distance from WorkoutStatistics (sum of the active energy and of
     # every Distance* statistic) when present, else the Workout's totals.
     "workout_summary": """CREATE OR REPLACE VIEW workout_summary AS
@@ -479,19 +652,19 @@ VIEWS: dict[str, str] = {
         FROM workouts w LEFT JOIN agg a ON a.record_key = w.record_key
         WHERE NOT EXISTS (SELECT 1 FROM removed_records x WHERE x.record_key = w.record_key)""",
     "body_mass": """CREATE OR REPLACE VIEW body_mass AS
-        SELECT o.canonical_person_id, o.start_date AS measured_at, o.local_date AS day,
-               hd_kg(o.value, o.unit) AS kg, o.value, o.unit, o.source_name
-        FROM observations o
-        WHERE o.type = 'HKQuantityTypeIdentifierBodyMass' AND o.source = 'healthkit' AND o.value IS NOT NULL
-          AND NOT EXISTS (SELECT 1 FROM removed_records x WHERE x.record_key = o.record_key)""",
+        SELECT canonical_person_id, start_date AS measured_at, local_date AS day,
+               value_si AS kg, value, unit, source_name, source_class
+        FROM quantity_samples WHERE type = 'HKQuantityTypeIdentifierBodyMass'""",
     # Latest result per person and test (first LOINC coding, else first coding, else the
-    # text) among FHIR Observations that are laboratory results or carry no category.
+    # text) among FHIR Observations that are laboratory results or carry no category;
+    # results marked entered-in-error or cancelled are not results. local_date: the
+    # date in the lab's own offset (the `_local` twin of the time the row is dated by).
     "lab_results_latest": """CREATE OR REPLACE VIEW lab_results_latest AS
         WITH obs AS (
             SELECT o.*, from_json(o.code, '[{"system": "VARCHAR", "code": "VARCHAR", "display": "VARCHAR"}]')
                        AS codings
             FROM observations o
-            WHERE o.source = 'fhir'
+            WHERE o.source = 'fhir' AND COALESCE(o.status, '') NOT IN ('entered-in-error', 'cancelled')
               AND (o.category IS NULL OR json_array_length(o.category) = 0
                    OR list_contains(json_extract_string(o.category, '$[*].code'), 'laboratory'))
               AND NOT EXISTS (SELECT 1 FROM removed_records x WHERE x.record_key = o.record_key)
@@ -510,7 +683,12 @@ VIEWS: dict[str, str] = {
                value, value_text, unit, value_comparator,
                TRY_CAST(details ->> 'value_low' AS DOUBLE) AS value_low,
                TRY_CAST(details ->> 'value_high' AS DOUBLE) AS value_high,
-               interpretation, reference_range, status, category_text, record_key
+               interpretation, reference_range, status, category_text, record_key,
+               COALESCE(TRY_CAST(left(details ->> (event_time_field || '_local'), 10) AS DATE), local_date)
+                   AS local_date,
+               CASE WHEN json_extract_string(reference_range, '$[0].low') IS NULL
+                         AND json_extract_string(reference_range, '$[0].high') IS NULL
+                    THEN json_extract_string(reference_range, '$[0].text') END AS reference_range_text
         FROM ranked WHERE rank = 1""",
 }
 
@@ -550,6 +728,11 @@ def is_initialised(con: duckdb.DuckDBPyConnection) -> bool:
     return _meta(con, "schema_version") == str(SCHEMA_VERSION) and _meta(con, "views_version") is not None
 
 
+def views_current(con: duckdb.DuckDBPyConnection) -> bool:
+    """False when the views were made by an older version (the next load or `duckdb build` renews them)."""
+    return _meta(con, "views_version") == str(VIEWS_VERSION)
+
+
 def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Create tables (first use) and views (first use or new VIEWS_VERSION); inside the caller's transaction."""
     version = _meta(con, "schema_version")
@@ -563,11 +746,52 @@ def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
             con.execute(_stream_ddl(stream))
         con.execute("INSERT INTO warehouse_meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
     if _meta(con, "views_version") != str(VIEWS_VERSION):
+        con.execute("CREATE TABLE IF NOT EXISTS source_priority (position INTEGER NOT NULL, entry VARCHAR NOT NULL)")
+        if not con.execute("SELECT count(*) FROM source_priority").fetchone()[0]:
+            _write_priority(con, sources.DEFAULT_PRIORITY)
         for ddl in _MACROS:
             con.execute(ddl)
         for ddl in VIEWS.values():
             con.execute(ddl)
         con.execute("INSERT OR REPLACE INTO warehouse_meta VALUES ('views_version', ?)", [str(VIEWS_VERSION)])
+
+
+def _write_priority(con: duckdb.DuckDBPyConnection, entries: Iterable[str]) -> None:
+    con.execute("DELETE FROM source_priority")
+    con.executemany("INSERT INTO source_priority VALUES (?, ?)", [[i, e] for i, e in enumerate(entries, 1)])
+
+
+def set_source_priority(db_path: Path, entries: Iterable[str]) -> bool:
+    """Store the source priority (sources.py) the views rank sources by; True when it changed.
+
+    Creates the warehouse's tables and views first if needed, in the same transaction.
+    """
+    wanted = sources.validate(list(entries))
+    con = connect(db_path)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            _ensure_schema(con)
+            current = tuple(r[0] for r in con.execute("SELECT entry FROM source_priority ORDER BY position").fetchall())
+            if current != wanted:
+                _write_priority(con, wanted)
+            con.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                con.execute("ROLLBACK")
+            except duckdb.Error:
+                pass  # the connection is gone: nothing was committed either way
+            if isinstance(exc, duckdb.Error):
+                raise HealthDeltaError(f"the warehouse could not be changed ({type(exc).__name__})") from exc
+            raise
+        return current != wanted
+    finally:
+        con.close()
+
+
+def source_priority(con: duckdb.DuckDBPyConnection) -> tuple[str, ...]:
+    """The stored source priority, most trusted first."""
+    return tuple(r[0] for r in con.execute("SELECT entry FROM source_priority ORDER BY position").fetchall())
 
 
 # --------------------------------------------------------------------------- loading
@@ -856,6 +1080,8 @@ def build(ndjson_input: Path, db_path: Path, *, replace: bool = False,
 
     try:
         results = tuple(load_run(target, d, entry, progress=overall) for d, entry, _ in ordered)
+        if not replace and target.is_file():
+            _ensure_exists(target)  # renews the views of an older version even when no run was new
         if replace:
             _ensure_exists(target)
             # A WAL left by the old file must not be replayed against the new one.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from healthdelta import registry, report, warehouse
+from healthdelta import registry, report, sources, units, warehouse
 from healthdelta.cli.options import cli, global_options, make_progress, notice
 from healthdelta.errors import UsageError
 from healthdelta.fsutil import TMP_PREFIX, fsync_dir
@@ -21,11 +21,15 @@ def duckdb_group() -> None:
     """The DuckDB warehouse: load NDJSON runs, query read-only."""
 
 
-def _registry_entries(ndjson_input: Path, state: Path | None) -> dict[str, dict]:
-    """Registry entries (created_at, notes, ...) of the runs, when a state dir is at hand."""
+def _state_dir(ndjson_input: Path, state: Path | None) -> Path:
     if state is None:
         out = ndjson_input.parent.parent if (ndjson_input / "delta.json").is_file() else ndjson_input.parent
         state = out / "state"
+    return state
+
+
+def _registry_entries(state: Path) -> dict[str, dict]:
+    """Registry entries (created_at, notes, ...) of the runs, when a state dir is at hand."""
     if not (state / "runs.json").is_file():
         return {}
     return registry.read_registry(state).runs
@@ -40,20 +44,29 @@ def _registry_entries(ndjson_input: Path, state: Path | None) -> dict[str, dict]
               help="Build a new warehouse from scratch, renamed over the old one once complete.")
 @click.option("--state", type=click.Path(path_type=Path), default=None,
               help="State directory whose runs.json describes the runs (default <out>/state, if present).")
+@click.option("--source-priority", "priority_path", type=click.Path(path_type=Path), default=None,
+              help="JSON file ordering the sources, most trusted first (default <state>/source_priority.json, "
+                   "if present; else manual, watch, phone, other).")
 @global_options
 @click.pass_context
-def duckdb_build(ctx, ndjson_input, db_path, replace, state):
+def duckdb_build(ctx, ndjson_input, db_path, replace, state, priority_path):
     """Load the NDJSON runs the warehouse lacks (parents first); loading a run twice changes nothing.
 
     Example: healthdelta duckdb build --input data/ndjson --db data/warehouse.duckdb
     """
-    entries = _registry_entries(ndjson_input, state)
+    state = _state_dir(ndjson_input, state)
+    entries = _registry_entries(state)
+    if priority_path is None and (state / sources.FILE_NAME).is_file():
+        priority_path = state / sources.FILE_NAME
+    priority = sources.read_priority_file(priority_path) if priority_path is not None else None
     progress = make_progress(ctx)
     try:
         result = warehouse.build(ndjson_input, db_path, replace=replace, registry_entries=entries,
                                  progress=progress)
     finally:
         progress.close()
+    if priority is not None:
+        warehouse.set_source_priority(db_path, priority)
     unknown = sorted({f for r in result.runs for f in r.unknown_fields})
     if unknown:
         notice(ctx, f"warning: the NDJSON has fields this warehouse version does not store: {', '.join(unknown)} "
@@ -115,9 +128,14 @@ def report_group() -> None:
               help="Run (id or prefix) for the 'since last run' section (default: the run loaded last).")
 @click.option("--labels", "labels_path", type=click.Path(path_type=Path), default=None,
               help="JSON object mapping canonical_person_id to a label (share mode: `Patient N`).")
+@click.option("--units", "units_system", type=click.Choice(units.SYSTEMS), default=None,
+              help="Units of charts and values (default: those the export is written in, e.g. us for en_US).")
+@click.option("--state", type=click.Path(path_type=Path), default=None,
+              help="State directory whose identity store names people in local mode (default: the "
+                   "warehouse's <out>/state, if present).")
 @global_options
 @click.pass_context
-def report_build(ctx, db_path, out_dir, mode, run_id, labels_path):
+def report_build(ctx, db_path, out_dir, mode, run_id, labels_path, units_system, state):
     """Write summary.json, summary.md, three coverage/timeline CSVs and a self-contained report.html.
 
     Example: healthdelta report build --db data/warehouse.duckdb --out data/reports/latest --mode share
@@ -130,10 +148,14 @@ def report_build(ctx, db_path, out_dir, mode, run_id, labels_path):
             raise UsageError("--labels must be a readable JSON file") from None
         if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
             raise UsageError("--labels must hold a JSON object of strings")
+    elif mode == "local":
+        identity_dir = (state or db_path.parent / "state") / "identity"
+        if (identity_dir / "people.json").is_file():
+            labels = report.local_person_labels(identity_dir)
     progress = make_progress(ctx)
     try:
         result = report.build_report(db_path, out_dir, mode=mode, run_id=run_id, person_labels=labels,
-                                     progress=progress)
+                                     units_system=units_system, progress=progress)
     finally:
         progress.close()
     click.echo(f"report_dir={out_dir.as_posix()}")
@@ -146,11 +168,13 @@ def report_build(ctx, db_path, out_dir, mode, run_id, labels_path):
 
 @report_group.command("show")
 @click.option("--db", "db_path", required=True, type=click.Path(path_type=Path), help="The warehouse file.")
+@click.option("--units", "units_system", type=click.Choice(units.SYSTEMS), default=None,
+              help="Units of the values shown (default: those the export is written in).")
 @global_options
-def report_show(db_path):
+def report_show(db_path, units_system):
     """Print a short summary: tables and row counts, people, date range, top types, last run's delta.
 
     Example: healthdelta report show --db data/warehouse.duckdb
     """
-    for line in report.show(db_path):
+    for line in report.show(db_path, units_system=units_system):
         click.echo(line)
