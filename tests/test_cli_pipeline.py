@@ -155,7 +155,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     (secret / "noxml" / "readme.txt").write_text("hi")
     cases["no export.xml"] = (secret / "noxml", "no export.xml")
     (secret / "corrupt.zip").write_bytes(b"PK\x03\x04 this is not really a zip")
-    cases["corrupt zip"] = (secret / "corrupt.zip", "not a valid zip")
+    cases["corrupt zip"] = (secret / "corrupt.zip", "damaged zip archive")
     with zipfile.ZipFile(secret / "slip.zip", "w") as zf:
         zf.writestr("apple_health_export/export.xml", "<HealthData/>")
         zf.writestr("../../evil.txt", "x")

@@ -75,7 +75,7 @@ def export_validate(ndjson_dir, tokens, regexes):
 
 @export_group.command("profile")
 @click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
-              help="export.zip, the apple_health_export folder, or its parent.")
+              help="export.zip, the apple_health_export folder, its parent, or export.xml alone.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for profile.json.")
 @global_options
 @click.pass_context

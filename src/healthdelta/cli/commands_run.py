@@ -22,7 +22,7 @@ def run_options(f):
     """The flags `pipeline run` and `run all` share."""
     for option in reversed([
         click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
-                     help="export.zip, the apple_health_export folder, or its parent."),
+                     help="export.zip, the apple_health_export folder, its parent, or export.xml alone."),
         out_options,
         click.option("--mode", type=click.Choice(["local", "share"]), default="local", show_default=True),
         click.option("--since", default="last", show_default=True, help="Parent run: `last` or a run id."),
