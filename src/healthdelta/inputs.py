@@ -191,7 +191,7 @@ def _detect_zip(path: Path, head: bytes) -> ExportInput:
     except PermissionError:
         raise InputError("input cannot be read (permission denied)") from None
     except (OSError, EOFError, ValueError, NotImplementedError):
-        raise InputError(f"the input is a damaged zip archive (corrupt or truncated): {EXPECTED}") from None
+        raise InputError(f"the input zip archive cannot be read (corrupt or truncated): {EXPECTED}") from None
     files = check_zip_members(infos, archive_size=path.stat().st_size)
     roots = sorted(
         f.relpath[: -len(EXPORT_XML)] for f in files

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import click
 from healthdelta import registry, report, warehouse
 from healthdelta.cli.options import cli, global_options, make_progress, notice
 from healthdelta.errors import UsageError
-from healthdelta.fsutil import TMP_PREFIX, fsync_dir
+from healthdelta.fsutil import WorkDir, publish_file
 
 
 @cli.group("duckdb")
@@ -70,31 +69,35 @@ def duckdb_build(ctx, ndjson_input, db_path, replace, state):
 @duckdb_group.command("query")
 @click.option("--db", "db_path", required=True, type=click.Path(path_type=Path), help="The warehouse file.")
 @click.option("--sql", required=True, help="One SQL statement; the warehouse is opened read-only.")
+@click.option("--format", "fmt", type=click.Choice(warehouse.QUERY_FORMATS), default="csv", show_default=True,
+              help="csv: header line, NULL as empty. json: one JSON array, a row object per line. "
+                   "parquet: DuckDB's Parquet file (needs --out).")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=None,
-              help="Write the CSV to this file (atomically) instead of stdout.")
+              help="Write the result to this file (atomically) instead of stdout.")
 @global_options
-def duckdb_query(db_path, sql, out_path):
-    """Run one SQL statement read-only and write the result as CSV (header line, NULL as empty).
+def duckdb_query(db_path, sql, fmt, out_path):
+    """Run one SQL statement read-only and write its result as CSV, JSON or Parquet.
 
     Example: healthdelta duckdb query --db data/warehouse.duckdb --sql "SELECT * FROM daily_steps"
+    --format parquet --out steps.parquet
     """
     if out_path is None:
-        warehouse.query(db_path, sql, sys.stdout.buffer)
+        if fmt == "parquet":
+            raise UsageError("--format parquet writes a file: give --out FILE")
+        warehouse.query(db_path, sql, sys.stdout.buffer, fmt)
         sys.stdout.buffer.flush()
         return
     if out_path.is_dir():
         raise UsageError("--out must be a file, not a directory")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f"{TMP_PREFIX}{out_path.name}-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            rows = warehouse.query(db_path, sql, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_path)
-        fsync_dir(out_path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with WorkDir(out_path.parent, "query") as work:
+        result = work.path / "result"
+        if fmt == "parquet":
+            rows = warehouse.query_parquet(db_path, sql, result, work.path)
+        else:
+            with open(result, "wb") as fh:
+                rows = warehouse.query(db_path, sql, fh, fmt)
+        publish_file(result, out_path)
     click.echo(f"out={out_path.as_posix()}")
     click.echo(f"rows={rows}")
 
