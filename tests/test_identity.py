@@ -155,7 +155,7 @@ def test_ambiguous_namesake_is_never_merged(family, tmp_path):
     review = identity.review(tmp_path / "identity")
     assert len(review.people) == 3  # owner, child, namesake
     conflicts = [r for r in review.links if r.state == "conflict"]
-    owner = review.people[0][0]
+    owner = review.people[0].person_id
     assert any(owner in r.person_ids and len(set(r.person_ids)) == 2 for r in conflicts)
     # The namesake's birth date is nowhere near the owner's aliases.
     aliases = json.loads((tmp_path / "identity" / "aliases.json").read_text())["aliases"]

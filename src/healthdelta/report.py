@@ -114,18 +114,26 @@ def build_report(db_path: Path, out_dir: Path, *, mode: str = "local", run_id: s
                         people=len([k for k in labels if k is not None]))
 
 
-def show(db_path: Path) -> list[str]:
-    """Lines for `report show`: tables and counts, people, date range, top types, last run's delta."""
+def show_data(db_path: Path) -> dict[str, Any]:
+    """What `report show` summarises, as data (`report show --json`); `runs` 0 when nothing is loaded."""
     con = warehouse.connect(db_path, read_only=True)
     try:
         if not warehouse.is_initialised(con):
-            return ["warehouse: empty (no run loaded)"]
+            return {"tables": dict.fromkeys(STREAMS, 0), "runs": 0, "removed_total": 0, "first_date": None,
+                    "last_date": None, "people": [], "top_types": [], "since": None}
         run = _select_run(con, None)
         ctx = _Ctx(con, "local", person_label_map(con, "local", None), run)
         _collect(ctx, light=True)
     finally:
         con.close()
-    d = ctx.data
+    return ctx.data
+
+
+def show(db_path: Path) -> list[str]:
+    """Lines for `report show`: tables and counts, people, date range, top types, last run's delta."""
+    d = show_data(db_path)
+    if not d["runs"]:
+        return ["warehouse: empty (no run loaded)"]
     total = sum(d["tables"].values())
     lines = [f"records: {total:,} in {sum(1 for v in d['tables'].values() if v)} of {len(STREAMS)} stream tables"
              f" ({d['removed_total']:,} of them removed by a later export)"]

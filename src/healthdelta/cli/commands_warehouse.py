@@ -11,7 +11,7 @@ import click
 from healthdelta import registry, report, warehouse
 from healthdelta.cli.options import cli, global_options, make_progress, notice
 from healthdelta.errors import UsageError
-from healthdelta.fsutil import WorkDir, publish_file
+from healthdelta.fsutil import WorkDir, json_bytes, publish_file
 
 
 @cli.group("duckdb")
@@ -149,11 +149,15 @@ def report_build(ctx, db_path, out_dir, mode, run_id, labels_path):
 
 @report_group.command("show")
 @click.option("--db", "db_path", required=True, type=click.Path(path_type=Path), help="The warehouse file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @global_options
-def report_show(db_path):
+def report_show(db_path, as_json):
     """Print a short summary: tables and row counts, people, date range, top types, last run's delta.
 
     Example: healthdelta report show --db data/warehouse.duckdb
     """
+    if as_json:
+        click.echo(json_bytes(report.show_data(db_path)).decode("utf-8"), nl=False)
+        return
     for line in report.show(db_path):
         click.echo(line)
