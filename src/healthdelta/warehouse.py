@@ -47,11 +47,12 @@ import csv
 import io
 import json
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, Any, Iterable, Mapping
+from typing import IO, Any, Callable, Iterable, Mapping
 
 import duckdb
 import orjson
@@ -687,13 +688,14 @@ def _load_in_transaction(con: duckdb.DuckDBPyConnection, ndjson_dir: Path, run: 
         for stream in STREAMS:
             source = sources[stream]
             unknown |= {f"{stream}.{f}" for f in _unknown_fields(stream, source)}
-            inserted[stream] = _insert_stream(con, stream, source, run_id)
+            # Progress in bytes of NDJSON loaded, also while one large stream's insert runs.
+            with _statement_progress(con, lambda n: progress("loading", n, total), source.stat().st_size):
+                inserted[stream] = _insert_stream(con, stream, source, run_id)
             removed[stream] = 0
             if load_mode == "delta":
                 gone = ndjson_dir / "removed" / f"{stream}.ndjson"
                 if gone.is_file() and gone.stat().st_size:
                     removed[stream] = _mark_removed(con, stream, gone, run_id)
-            progress("loading", source.stat().st_size, total)  # bytes of NDJSON loaded
         _insert_run(con, run, delta, load_mode, parent_loaded, inserted, removed)
         con.execute("COMMIT")
     except BaseException as exc:
@@ -721,6 +723,39 @@ def _load_error_message(exc: duckdb.Error) -> str:
     if isinstance(exc, duckdb.IOException):
         return "the warehouse could not be written (disk full or read-only?); nothing was loaded"
     return f"the warehouse load failed ({type(exc).__name__}); nothing was loaded"
+
+
+PROGRESS_POLL_SECONDS = 0.5
+
+
+@contextmanager
+def _statement_progress(con: duckdb.DuckDBPyConnection, report: Callable[[int], None], units: int):
+    """Report `units` over the statements run inside the block: while they run, a helper
+    thread reports DuckDB's own estimate of the running statement's progress (so one
+    long insert is not a frozen bar); the rest is reported when the block succeeds."""
+    con.execute("SET enable_progress_bar = true")
+    con.execute("SET enable_progress_bar_print = false")
+    reported = 0
+    stop = threading.Event()
+
+    def poll() -> None:
+        nonlocal reported
+        while not stop.wait(PROGRESS_POLL_SECONDS):
+            percent = con.query_progress()
+            done = int(units * min(max(percent, 0.0), 100.0) / 100)
+            if done > reported:
+                report(done - reported)
+                reported = done
+
+    thread = threading.Thread(target=poll, name="load-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    if units > reported:
+        report(units - reported)
 
 
 def _insert_stream(con: duckdb.DuckDBPyConnection, stream: str, source: Path, run_id: str) -> int:
