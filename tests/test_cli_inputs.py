@@ -61,6 +61,7 @@ def _not_exports(folder: Path) -> dict[str, tuple[Path, str]]:
 
 
 @pytest.mark.parametrize("command", [["pipeline", "run"], ["run", "all"], ["export", "profile"]])
+@pytest.mark.slow
 def test_other_files_say_what_was_given_and_what_is_expected(cli, tmp_path, command):
     cases = _not_exports(tmp_path / PERSON_DIR)
     for name, (path, fragment) in cases.items():

@@ -13,7 +13,6 @@ from healthdelta import identity, report
 
 from conftest import assert_one_error_line
 from test_identity import _assert_no_pii, family, run_cli  # noqa: F401  (family is a fixture)
-from test_report import db  # noqa: F401  (a fixture)
 
 
 def _built_state(family, tmp_path):  # noqa: F811
@@ -83,18 +82,31 @@ def test_show_names_is_refused_for_a_share_mode_state(family, tmp_path):  # noqa
         _assert_no_pii(proc.stdout + proc.stderr, export.people)
 
 
-def test_report_show_json(db, tmp_path):  # noqa: F811
-    path, runs = db
+def test_report_show_json(tmp_path):
+    from test_warehouse import PHONE, _row, write_run
+
+    from healthdelta import warehouse
+
+    db = tmp_path / "w.duckdb"
+    first = {"observations": [_row(f"k{i}", f"2024-05-0{i}T08:00:00", f"2024-05-0{i}T08:10:00", PHONE, i)
+                              for i in range(1, 4)]}
+    second = {"observations": [_row("k9", "2024-05-09T08:00:00", "2024-05-09T08:10:00", PHONE, 9)]}
+    warehouse.load_run(db, write_run(tmp_path, "r1", None, first), {"run_id": "r1"})
+    warehouse.load_run(db, write_run(tmp_path, "r2", "r1", second, removed={"observations": first["observations"][:1]}),
+                       {"run_id": "r2", "parent_run_id": "r1"})
     code = "import sys; from healthdelta.cli import main; main(sys.argv[1:])"
-    proc = subprocess.run([sys.executable, "-c", code, "report", "show", "--db", str(path), "--json"],
+    proc = subprocess.run([sys.executable, "-c", code, "report", "show", "--db", str(db), "--json"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
-    assert doc == report.show_data(path)
-    assert doc["since"]["run_id"] == runs.run_ids[2] and doc["runs"] == 3
-    lines = report.show(path)
-    assert lines[0].startswith(f"records: {sum(doc['tables'].values()):,} ")
-    assert f"people: {len(doc['people'])}" in lines
+    assert doc == report.show_data(db)
+    assert (doc["runs"], doc["tables"]["observations"], doc["removed_total"]) == (2, 4, 1)
+    assert (doc["first_date"], doc["last_date"]) == ("2024-05-02", "2024-05-09")  # the removed day left out
+    since = doc["since"]
+    assert (since["run_id"], since["parent_run_id"]) == ("r2", "r1")
+    assert (since["added"]["observations"], since["removed"]["observations"]) == (1, 1)
+    lines = report.show(db)
+    assert lines[0].startswith("records: 4 ") and f"people: {len(doc['people'])}" in lines
     empty = tmp_path / "empty.duckdb"
     import duckdb
     duckdb.connect(str(empty)).close()

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import duckdb
+import pytest
 
 from conftest import assert_one_error_line, kv
 from test_cli_pipeline import snapshot
+
+pytestmark = pytest.mark.slow  # every test here is a full `run all` (or the demo)
 
 
 def test_run_all_two_exports_then_noop(cli, synth_pair):

@@ -37,6 +37,8 @@ FORMS = ("zip", "folder", "parent")
 STAGES_BEFORE_IDENTITY = frozenset({"hashing", "copying", "extracting"})
 RUN_DIR_PARENTS = ("staging", "ndjson", "deid", "reports")
 
+pytestmark = pytest.mark.slow  # real runs killed at precise points
+
 
 @dataclass(frozen=True)
 class Case:

@@ -245,6 +245,7 @@ def _assert_no_pii(text: str, people) -> None:
             assert value.casefold() not in low, "planted PII in command output"
 
 
+@pytest.mark.slow
 def test_cli_build_review_confirm(family, tmp_path):
     export, runs = family
     args = [a for d, _ in runs for a in ("--run", str(d))]

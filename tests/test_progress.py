@@ -6,6 +6,8 @@ import io
 import time
 from collections import defaultdict
 
+import pytest
+
 from healthdelta import export, pipeline, warehouse
 from healthdelta.cli.progress import ProgressDisplay, command_plan
 from healthdelta.layout import OutLayout
@@ -66,6 +68,7 @@ def test_terminal_shows_the_step_line_above_the_bar():
     assert text.index("stage 2 of 3: parsing") < text.rindex("parsing:")
 
 
+@pytest.mark.slow
 def test_merging_and_loading_report_within_a_stream(tmp_path, monkeypatch):
     """The largest stream no longer reports once at its end: merging reports as it reads the
     spill runs, and each stage still adds up to exactly its total."""
