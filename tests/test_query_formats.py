@@ -135,3 +135,20 @@ def test_cli_user_sql_gets_no_file_access(cli, db, tmp_path, sql, fmt):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.csv", "w.duckdb"]
     assert db.read_bytes() == before
     assert line
+
+
+def test_json_refuses_integers_beyond_64_bits_and_writes_blobs_as_hex(db):
+    with pytest.raises(UsageError, match="64-bit"):
+        warehouse.query(db, "SELECT (1::HUGEINT << 100) AS big", io.StringIO(), "json")
+    out = io.StringIO()
+    warehouse.query(db, "SELECT '\\xAA\\x01'::BLOB AS b, 5::HUGEINT AS h, INTERVAL 3 DAY AS i", out, "json")
+    assert json.loads(out.getvalue()) == [{"b": "aa01", "h": 5, "i": "3 days, 0:00:00"}]
+
+
+def test_cli_parquet_through_a_symlinked_folder(cli, db, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    out = kv(cli("duckdb", "query", "--db", str(db), "--sql", ROWS_SQL, "--format", "parquet", "--out",
+                 "link/p.parquet", check=True).stdout)
+    assert out["rows"] == "3" and [p.name for p in real.iterdir()] == ["p.parquet"]

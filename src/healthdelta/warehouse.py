@@ -1014,11 +1014,12 @@ def query(db_path: Path, sql: str, out: IO[bytes] | IO[str], fmt: str = "csv") -
         con.close()
 
 
-def query_parquet(db_path: Path, sql: str, dest: Path, scratch: Path) -> int:
+def query_parquet(db_path: Path, sql: str, dest: Path) -> int:
     """`duckdb query --format parquet`: DuckDB's own Parquet writer (COPY) writes the
-    result to `dest` inside the empty private folder `scratch`, the only place the
-    connection may touch besides the warehouse. Returns the number of rows."""
-    con = _query_connection(db_path, writable_dir=scratch)
+    result to `dest`, whose folder (private and empty) is the only place the connection
+    may touch besides the warehouse. Returns the number of rows."""
+    dest = dest.parent.resolve() / dest.name  # DuckDB checks the path it is given against the allowed folder
+    con = _query_connection(db_path, writable_dir=dest.parent)
     try:
         text = _one_statement(con, sql)
         with _query_errors():
@@ -1036,7 +1037,7 @@ def _query_connection(db_path: Path, writable_dir: Path | None = None) -> duckdb
     # Least privilege: the statement sees the warehouse only (no files, no ATTACH, no
     # extensions) besides the folder the caller's output goes to, and cannot turn that back on.
     if writable_dir is not None:
-        quoted = str(writable_dir.resolve()).replace("'", "''")
+        quoted = str(writable_dir).replace("'", "''")
         con.execute(f"SET allowed_directories = ['{quoted}/']")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
@@ -1073,7 +1074,11 @@ def _write_json(con: duckdb.DuckDBPyConnection, out: IO[str]) -> int:
     rows = 0
     while con.description and (batch := con.fetchmany(QUERY_BATCH_ROWS)):
         for row in batch:
-            line = orjson.dumps(dict(zip(names, row)), default=_json_value, option=orjson.OPT_NON_STR_KEYS)
+            try:
+                line = orjson.dumps(dict(zip(names, row)), default=_json_value, option=orjson.OPT_NON_STR_KEYS)
+            except orjson.JSONEncodeError:
+                raise UsageError("--format json: a value does not fit in a 64-bit integer; "
+                                 "CAST that column to DOUBLE or VARCHAR") from None
             out.write(("\n" if rows == 0 else ",\n") + line.decode("utf-8"))
             rows += 1
     out.write("\n]\n")
@@ -1081,8 +1086,10 @@ def _write_json(con: duckdb.DuckDBPyConnection, out: IO[str]) -> int:
 
 
 def _json_value(value: object) -> object:
-    """Types orjson leaves to the caller: DECIMAL as a number, anything else as its text."""
-    return float(value) if isinstance(value, Decimal) else str(value)
+    """Types orjson leaves to the caller: DECIMAL as a number, BLOB as hex, anything else as text."""
+    if isinstance(value, Decimal):
+        return float(value)
+    return value.hex() if isinstance(value, bytes) else str(value)
 
 
 def _execute_query(con: duckdb.DuckDBPyConnection, text: str, *, as_text: bool) -> None:

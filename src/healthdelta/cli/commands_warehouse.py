@@ -93,7 +93,7 @@ def duckdb_query(db_path, sql, fmt, out_path):
     with WorkDir(out_path.parent, "query") as work:
         result = work.path / "result"
         if fmt == "parquet":
-            rows = warehouse.query_parquet(db_path, sql, result, work.path)
+            rows = warehouse.query_parquet(db_path, sql, result)
         else:
             with open(result, "wb") as fh:
                 rows = warehouse.query(db_path, sql, fh, fmt)

@@ -57,7 +57,7 @@ def notice(ctx: click.Context, message: str) -> None:
 
 
 def out_options(f):
-    """`--out` and `--state` as CONTRACT §1 defines them."""
+    """`--out` (the base output directory) and `--state` (default <out>/state)."""
     f = click.option("--state", "state", type=click.Path(path_type=Path), default=None,
                      help="State directory (default <out>/state).")(f)
     f = click.option("--out", "out", type=click.Path(path_type=Path), default=Path("data"),
