@@ -72,6 +72,8 @@ CASES = [
     Case(PIPE, 1, "folder", "copying", 0.5),
     Case(PIPE, 1, "folder", "copying", 1.0),
     Case(PIPE, 1, "parent", "copying", 0.7),
+    # first run, identity resolution (reads the person sources file by file)
+    Case(PIPE, 1, "folder", "identity", 0.5),
     # first run, parsing and merge/delta
     Case(PIPE, 1, "zip", "parsing", 1),  # after the first parse task
     Case(PIPE, 1, "folder", "parsing", 0.6),

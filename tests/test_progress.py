@@ -26,7 +26,7 @@ def _lines(plan, calls, mode="always") -> list[str]:
 
 
 def test_units_bytes_human_readable_and_counts_with_their_unit():
-    assert stage_unit("copying") == "bytes" and stage_unit("report") == "steps"
+    assert (stage_unit("copying"), stage_unit("identity"), stage_unit("report")) == ("bytes", "files", "steps")
     lines = _lines(None, [("copying", 3 << 20, 12 << 20), ("report", 1, 3), ("report", 2, 3), ("merging", 5, None)])
     assert lines[0].startswith("copying:  25% 3.00MB/12.0MB [")
     assert lines[-2].startswith("report: 100% 3/3 steps [") and "steps/s" in lines[-2]
@@ -35,15 +35,16 @@ def test_units_bytes_human_readable_and_counts_with_their_unit():
 
 def test_stage_k_of_n_once_per_step_in_plan_order():
     plan = command_plan("run all", share=False)
-    assert [title for title, _ in plan] == ["staging the export", "parsing", "merging and delta",
-                                            "loading the warehouse", "writing the reports"]
-    assert [t for t, _ in command_plan("pipeline run", share=True)][:2] == ["staging the export", "de-identifying"]
+    assert [title for title, _ in plan] == ["staging the export", "resolving people", "parsing",
+                                            "merging and delta", "loading the warehouse", "writing the reports"]
+    assert [t for t, _ in command_plan("pipeline run", share=True)][1:3] == ["resolving people", "de-identifying"]
     assert command_plan("duckdb build", share=False) is None
-    calls = [("hashing", 10, 10), ("extracting", 5, 10), ("extracting", 5, 10), ("parsing", 1, 1),
+    calls = [("hashing", 10, 10), ("extracting", 5, 10), ("extracting", 5, 10), ("identity", 2, 2), ("parsing", 1, 1),
              ("merging", 1, 1), ("loading", 1, 1), ("report", 3, 3)]
     headers = [line for line in _lines(plan, calls) if line.startswith("stage ")]
-    assert headers == ["stage 1 of 5: staging the export", "stage 2 of 5: parsing", "stage 3 of 5: merging and delta",
-                       "stage 4 of 5: loading the warehouse", "stage 5 of 5: writing the reports"]
+    assert headers == ["stage 1 of 6: staging the export", "stage 2 of 6: resolving people", "stage 3 of 6: parsing",
+                       "stage 4 of 6: merging and delta", "stage 5 of 6: loading the warehouse",
+                       "stage 6 of 6: writing the reports"]
 
 
 def test_auto_mode_off_a_terminal_stays_quiet_for_short_stages():
@@ -64,8 +65,8 @@ def test_terminal_shows_the_step_line_above_the_bar():
     display("parsing", 1, 2)
     display.close()
     text = stream.getvalue()
-    assert text.index("stage 1 of 3: staging the export") < text.index("copying")
-    assert text.index("stage 2 of 3: parsing") < text.rindex("parsing:")
+    assert text.index("stage 1 of 4: staging the export") < text.index("copying")
+    assert text.index("stage 3 of 4: parsing") < text.rindex("parsing:")
 
 
 @pytest.mark.slow
@@ -79,7 +80,7 @@ def test_merging_and_loading_report_within_a_stream(tmp_path, monkeypatch):
     calls: dict[str, list[tuple[int, int | None]]] = defaultdict(list)
     opts = pipeline.PipelineOptions(input=exp.root, layout=OutLayout.create(tmp_path / "data"))
     assert pipeline.run_all(opts, lambda s, a, t: calls[s].append((a, t))).status == "created"
-    for stage in ("merging", "loading"):
+    for stage in ("identity", "merging", "loading"):
         totals = {t for _, t in calls[stage]}
         assert len(totals) == 1 and sum(a for a, _ in calls[stage]) == totals.pop(), stage
     assert len(calls["merging"]) > 20  # observations alone is many reports, not one

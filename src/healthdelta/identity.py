@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from healthdelta.errors import InputError, StateError, UsageError
+from healthdelta.progress import ProgressFn, no_progress
 
 SCHEMA_VERSION = 1
 PERSON_PREFIX = "p_"
@@ -415,16 +416,21 @@ class RunFacts:
     unreadable: int
 
 
-def read_run_facts(run_dir: Path, secret: bytes) -> RunFacts:
+def read_run_facts(run_dir: Path, secret: bytes, progress: ProgressFn = no_progress) -> RunFacts:
     """Person facts of a staged run: Me, CDA recordTarget, ECG headers, FHIR Patients,
     and the HealthKit sample fingerprints. Damaged person sources are counted, not fatal
-    (the NDJSON stage reports them)."""
+    (the NDJSON stage reports them). Progress: `identity`, in files read."""
     from healthdelta.parse.cda import read_cda_patient
     from healthdelta.parse.ecg import read_ecg_person
     from healthdelta.parse.fhir import read_patients_fhir
     from healthdelta.parse.healthkit import read_me
 
     layout = _read_layout(run_dir)
+    files = 1 + bool(layout.get("export_cda_xml")) + len(layout.get("ecg_csv", [])) + len(layout.get("clinical_json", []))
+
+    def file_read() -> None:
+        progress("identity", 1, files)
+
     unreadable = 0
     xml = run_dir / layout["export_xml"]
     try:
@@ -435,6 +441,7 @@ def read_run_facts(run_dir: Path, secret: bytes) -> RunFacts:
         samples, possessors = _read_healthkit_head(xml, secret)
     except InputError:
         samples, possessors = (), ()
+    file_read()
     owner_dobs: set[str] = set()
     owner_names: list[dict[str, Any]] = []
     name_sets: list[frozenset[str]] = []
@@ -454,6 +461,7 @@ def read_run_facts(run_dir: Path, secret: bytes) -> RunFacts:
             cda = read_cda_patient(run_dir / layout["export_cda_xml"])
         except InputError:
             cda, unreadable = None, unreadable + 1
+        file_read()
         if cda is not None:
             sources.append("cda")
             if cda.get("birth_date"):
@@ -473,6 +481,8 @@ def read_run_facts(run_dir: Path, secret: bytes) -> RunFacts:
         except InputError:
             unreadable += 1
             continue
+        finally:
+            file_read()
         if "ecg" not in sources:
             sources.append("ecg")
         if ecg.get("birth_date"):
@@ -510,6 +520,8 @@ def read_run_facts(run_dir: Path, secret: bytes) -> RunFacts:
         except (InputError, OSError):
             unreadable += 1
             continue
+        finally:
+            file_read()
         for facts in found:
             patients.append(Observation(
                 source="fhir",
@@ -730,20 +742,21 @@ class IdentityResult:
         }
 
 
-def resolve_run(identity_dir: Path, run_dir: Path, run_id: str) -> IdentityResult:
+def resolve_run(identity_dir: Path, run_dir: Path, run_id: str,
+                progress: ProgressFn = no_progress) -> IdentityResult:
     """Resolve the people of a staged run and the owner of its HealthKit data; update the store.
 
     Idempotent: resolving a run again gives the same ids and leaves the store's bytes
     unchanged. The caller holds the state lock.
     """
     store = Store.open(identity_dir, create=True)
-    result = _resolve(store, run_dir, run_id)
+    result = _resolve(store, run_dir, run_id, progress)
     store.save()
     return result
 
 
-def _resolve(store: Store, run_dir: Path, run_id: str) -> IdentityResult:
-    facts = read_run_facts(run_dir, store.secret)
+def _resolve(store: Store, run_dir: Path, run_id: str, progress: ProgressFn = no_progress) -> IdentityResult:
+    facts = read_run_facts(run_dir, store.secret, progress)
     obs = facts.observations
     clusters, conflict_pairs = cluster_observations(obs, store.secret)
     people_before = set(store.people)

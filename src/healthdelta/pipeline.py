@@ -163,7 +163,7 @@ def _after_staging(opts, progress, later, layout, inp, staged, stages, staging_w
     staging_dir = staging_work.path
     identity_dir = identity_work.path
     # CONTRACT §8: the owner of the HealthKit data; provisional (per run) when unsafe to say.
-    ident = identity.resolve_run(identity_dir, staging_dir, run_id)
+    ident = identity.resolve_run(identity_dir, staging_dir, run_id, progress)
     stages["identity"] = ident.as_report()
     person_id, ndjson_source, deid_dir = ident.owner_person_id, staging_dir, None
     if opts.mode == "share" and not opts.skip_deid:

@@ -12,6 +12,7 @@ ProgressFn = Callable[[str, int, "int | None"], None]
 # The unit each stage counts in, where it is not bytes (of input, staged files, spill
 # runs or NDJSON: hashing, copying, extracting, parsing, deid, merging, loading, ...).
 STAGE_UNITS = {
+    "identity": "files",
     "report": "steps",
 }
 

@@ -23,6 +23,7 @@ ProgressMode = Literal["auto", "always", "never"]
 Plan = Sequence[tuple[str, tuple[str, ...]]]
 
 STAGING_STEP = ("staging the export", ("hashing", "copying", "extracting"))
+IDENTITY_STEP = ("resolving people", ("identity",))
 DEID_STEP = ("de-identifying", ("deid",))
 NDJSON_STEPS = (("parsing", ("parsing",)), ("merging and delta", ("merging",)))
 WAREHOUSE_STEPS = (("loading the warehouse", ("loading",)), ("writing the reports", ("report",)))
@@ -30,7 +31,7 @@ WAREHOUSE_STEPS = (("loading the warehouse", ("loading",)), ("writing the report
 
 def command_plan(command: str, share: bool) -> Plan | None:
     """The steps a command goes through, in order (None: a one-step command)."""
-    ndjson = (STAGING_STEP, *((DEID_STEP,) if share else ()), *NDJSON_STEPS)
+    ndjson = (STAGING_STEP, IDENTITY_STEP, *((DEID_STEP,) if share else ()), *NDJSON_STEPS)
     return {"pipeline run": ndjson, "run all": (*ndjson, *WAREHOUSE_STEPS)}.get(command)
 
 
