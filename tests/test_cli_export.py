@@ -89,6 +89,7 @@ def test_next_export_delta_is_exactly_the_new_records(two_runs, synth_pair):
     assert not old_devices & {r.get("device") for r in new if r.get("device")}
 
 
+@pytest.mark.slow
 def test_zip_and_folder_give_the_same_rows_and_bytes_on_rerun(cli, synth_pair, tmp_path):
     first = synth_pair[0]
     z = kv(cli("pipeline", "run", "--input", str(first.zip_path), "--out", "z", check=True).stdout)

@@ -40,6 +40,7 @@ def snapshot(out: Path) -> dict[str, tuple[int, bytes]]:
     }
 
 
+@pytest.mark.slow
 def test_first_run_noop_and_child(cli, tmp_path):
     inp = tmp_path / PERSON_DIR
     write_mini_export(inp)
@@ -103,6 +104,7 @@ def test_staging_contents(cli, tmp_path, mini_export):
     assert report["stages"]["ingest"]["files"] == 5 and report["input"]["path_redacted"] is True
 
 
+@pytest.mark.slow
 def test_zip_folder_and_wrapped_folder_stage_the_same_files(cli, tmp_path):
     parent = tmp_path / "p"
     export = write_mini_export(parent)
@@ -120,6 +122,7 @@ def test_zip_folder_and_wrapped_folder_stage_the_same_files(cli, tmp_path):
 
 
 @pytest.mark.parametrize("form", ["zip", "folder", "parent"])
+@pytest.mark.slow
 def test_shared_real_sample_export(cli, form):
     inp = {"zip": SHARED_FIXTURE / "export.zip", "folder": SHARED_FIXTURE / "apple_health_export",
            "parent": SHARED_FIXTURE}[form]
@@ -130,6 +133,7 @@ def test_shared_real_sample_export(cli, form):
     assert "no changes detected" in cli("pipeline", "run", "--input", str(inp), "--out", "data").stdout
 
 
+@pytest.mark.slow
 def test_run_register_is_idempotent(cli, tmp_path, mini_export):
     staged = kv(cli("ingest", "--input", str(mini_export), "--out", "data/staging", check=True).stdout)
     run_dir = f"data/staging/{staged['run_id']}"
@@ -155,7 +159,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     (secret / "noxml" / "readme.txt").write_text("hi")
     cases["no export.xml"] = (secret / "noxml", "no export.xml")
     (secret / "corrupt.zip").write_bytes(b"PK\x03\x04 this is not really a zip")
-    cases["corrupt zip"] = (secret / "corrupt.zip", "not a valid zip")
+    cases["corrupt zip"] = (secret / "corrupt.zip", "damaged zip archive")
     with zipfile.ZipFile(secret / "slip.zip", "w") as zf:
         zf.writestr("apple_health_export/export.xml", "<HealthData/>")
         zf.writestr("../../evil.txt", "x")
@@ -179,6 +183,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     return cases
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_error_line_and_touch_nothing(cli, tmp_path, mini_export):
     cli("pipeline", "run", "--input", str(mini_export), "--out", "data", check=True)
     before = snapshot(tmp_path / "data")
@@ -217,6 +222,7 @@ def test_usage_errors_exit_2(cli, args, fragment):
     assert fragment in assert_one_error_line(cli(*args), code=2)
 
 
+@pytest.mark.slow
 def test_interrupted_run_is_not_registered_and_rerun_succeeds(cli, tmp_path):
     inp = tmp_path / PERSON_DIR
     write_mini_export(inp, pad_bytes=4 << 20)
@@ -241,6 +247,7 @@ def test_interrupted_run_is_not_registered_and_rerun_succeeds(cli, tmp_path):
         [first["run_id"], rerun["run_id"]])
 
 
+@pytest.mark.slow
 def test_crash_after_rename_before_register(cli, tmp_path, mini_export):
     """A staged dir that never got registered is replaced, not trusted, by the next run."""
     out = kv(cli("ingest", "--input", str(mini_export), "--out", "data/staging", check=True).stdout)
@@ -251,6 +258,7 @@ def test_crash_after_rename_before_register(cli, tmp_path, mini_export):
     assert staged.read_bytes() == (mini_export / "apple_health_export" / "export.xml").read_bytes()
 
 
+@pytest.mark.slow
 def test_lock_busy_fails_clearly_and_concurrent_runs_serialise(cli, tmp_path):
     from healthdelta.fsutil import StateLock
 
@@ -273,6 +281,7 @@ def test_lock_busy_fails_clearly_and_concurrent_runs_serialise(cli, tmp_path):
     assert (tmp_path / "data" / "state" / "LAST_RUN").read_text() == children[0]["run_id"] + "\n"
 
 
+@pytest.mark.slow
 def test_no_input_path_or_name_leaks(cli, tmp_path):
     inp = tmp_path / PERSON_DIR
     write_mini_export(inp)

@@ -7,9 +7,12 @@ import shlex
 import subprocess
 
 import duckdb
+import pytest
 
 from conftest import assert_one_error_line, kv
 from test_cli_pipeline import snapshot
+
+pytestmark = pytest.mark.slow  # every test here is a full `run all` (or the demo)
 
 
 def test_run_all_two_exports_then_noop(cli, synth_pair):

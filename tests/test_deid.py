@@ -282,6 +282,7 @@ def test_cli_deid(planted, tmp_path):
     assert str(tmp_path) not in bad.stderr
 
 
+@pytest.mark.slow
 def test_pipeline_share_mode_end_to_end(tmp_path):
     """`pipeline run --mode share`: identity, de-id and share-mode NDJSON, nothing planted anywhere."""
     export_ = synth.generate_export(tmp_path / "in", seed=8, records=300, people=2, ambiguous_person=True)

@@ -108,6 +108,7 @@ def test_clean_tree_is_ok_and_output_is_share_safe(tree):
     ("identity_damaged", "identity_damaged"),
     ("identity_secret_damaged", "identity_damaged"),
 ])
+@pytest.mark.slow
 def test_damage_is_reported(tree, damage, expected):
     first, second = runs_of(tree)
     run = tree / "staging" / first

@@ -263,6 +263,7 @@ def _truncation_offsets(size: int) -> list[int]:
     return even + tail
 
 
+@pytest.mark.slow
 def test_truncated_export_xml_fails_clearly_and_never_registers(tmp_path, out):
     export = export_tree(tmp_path, records=200)
     full = (export / "export.xml").read_bytes()
@@ -283,6 +284,7 @@ def test_export_xml_damage_found_while_parsing_leaves_everything_as_it_was(tmp_p
 
 
 @pytest.mark.parametrize("seed", range(8))
+@pytest.mark.slow
 def test_random_byte_flips_never_crash(tmp_path, out, seed):
     export = export_tree(tmp_path, records=60)
     data = bytearray((export / "export.xml").read_bytes())
@@ -317,6 +319,7 @@ def test_duplicate_attribute_message_does_not_say_truncated(tmp_path, out):
     assert "truncated" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_100mb_attribute_value_is_kept_within_memory_bounds(tmp_path, out):
     export = export_tree(tmp_path, records=3)
     xml = (export / "export.xml").read_bytes()
@@ -329,6 +332,7 @@ def test_100mb_attribute_value_is_kept_within_memory_bounds(tmp_path, out):
     assert (out / "ndjson" / new / "observations.ndjson").stat().st_size > 100 << 20
 
 
+@pytest.mark.slow
 def test_huge_integer_value_is_kept_as_text(tmp_path, out):
     export = export_tree(tmp_path)
     xml = _records_xml(export).replace('value="1"', 'value="' + "7" * 5000 + '"', 1)
@@ -337,6 +341,7 @@ def test_huge_integer_value_is_kept_as_text(tmp_path, out):
 
 
 @pytest.mark.parametrize("digits", [30, 5000])
+@pytest.mark.slow
 def test_cda_value_beyond_64_bits_is_kept_in_the_element_only(tmp_path, out, digits):
     """Fixed: 30 digits broke the NDJSON encoder (orjson), 5000 broke int()."""
     export = export_tree(tmp_path)
@@ -580,6 +585,7 @@ def test_zip_slip_via_zipfile_names_never_escapes(tmp_path, out):
 # --------------------------------------------------------------------------- FHIR JSON
 
 
+@pytest.mark.slow
 def test_fhir_over_the_size_limit_is_a_clear_error(tmp_path, out):
     from healthdelta.parse.fhir import MAX_JSON_BYTES
 
@@ -589,6 +595,7 @@ def test_fhir_over_the_size_limit_is_a_clear_error(tmp_path, out):
     run_case(tmp_path, out, export, "error", "larger than")
 
 
+@pytest.mark.slow
 def test_fhir_100mb_valid_json_is_read_within_memory_bounds(tmp_path, out):
     export = export_tree(tmp_path)
     doc = b'{"resourceType": "Observation", "id": "big", "status": "final", "note": [{"text": "' + \

@@ -155,7 +155,7 @@ def test_ambiguous_namesake_is_never_merged(family, tmp_path):
     review = identity.review(tmp_path / "identity")
     assert len(review.people) == 3  # owner, child, namesake
     conflicts = [r for r in review.links if r.state == "conflict"]
-    owner = review.people[0][0]
+    owner = review.people[0].person_id
     assert any(owner in r.person_ids and len(set(r.person_ids)) == 2 for r in conflicts)
     # The namesake's birth date is nowhere near the owner's aliases.
     aliases = json.loads((tmp_path / "identity" / "aliases.json").read_text())["aliases"]
@@ -245,6 +245,7 @@ def _assert_no_pii(text: str, people) -> None:
             assert value.casefold() not in low, "planted PII in command output"
 
 
+@pytest.mark.slow
 def test_cli_build_review_confirm(family, tmp_path):
     export, runs = family
     args = [a for d, _ in runs for a in ("--run", str(d))]

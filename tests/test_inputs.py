@@ -117,3 +117,36 @@ def test_folder_errors(tmp_path):
     (tmp_path / "emptyxml" / "export.xml").write_bytes(b"")
     with pytest.raises(InputError, match="empty"):
         detect_input(tmp_path / "emptyxml")
+
+
+@pytest.mark.parametrize("name,head,expected", [
+    ("export.xml", b"", True),  # by name: its emptiness is refused with its own message
+    ("export (1).xml", b'\xef\xbb\xbf<?xml version="1.0"?>\n<!DOCTYPE HealthData [\n', True),
+    ("download.xml", b"  <HealthData locale='en_US'>", True),
+    ("export_cda.xml", b'<?xml version="1.0"?>\n<ClinicalDocument/>', False),
+    ("notes.txt", b"HealthData <HealthData", False),  # mentions it, but is not XML
+    ("route.gpx", b"<gpx/>", False),
+])
+def test_looks_like_export_xml(name, head, expected):
+    assert inputs.looks_like_export_xml(name, head) is expected
+
+
+@pytest.mark.parametrize("head,given", [
+    (b"PK\x03\x04broken", "damaged zip archive"),
+    (b"%PDF-1.7", "PDF document"),
+    (b"\xef\xbb\xbf <ClinicalDocument/>", "XML file without Apple Health data"),
+    (b"", "empty file"),
+    (b"hello", "not a zip archive or an export folder"),
+])
+def test_not_an_export_message(head, given):
+    message = inputs.not_an_export_message(head)
+    assert message.startswith("the input is ") and given in message
+    assert message.endswith(inputs.EXPECTED)
+
+
+def test_bare_export_xml_input(tmp_path):
+    export = write_mini_export(tmp_path / "p")
+    inp = detect_input(export / "export.xml")
+    assert (inp.form, inp.root, inp.files) == ("export_xml", "", (inputs.InputFile("export.xml", (export / "export.xml").stat().st_size),))
+    assert inp.file_path("export.xml") == export / "export.xml"
+    assert inp.stat_summary == (1, (export / "export.xml").stat().st_size)

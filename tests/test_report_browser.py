@@ -18,7 +18,10 @@ from test_warehouse import make_three_runs  # noqa: E402
 from healthdelta import report, warehouse  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (Debian package chromium)")
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (Debian package chromium)"),
+    pytest.mark.slow,
+]
 
 # Injected into a copy of the page (the report itself is not changed): collect uncaught
 # errors and console.error calls, then, once the page settled, write what every chart

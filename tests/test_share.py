@@ -205,6 +205,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_bundle_and_verify(shared, tmp_path):
     export_, out, run_id = shared
     dest = tmp_path / "cli.tar.gz"
@@ -226,6 +227,7 @@ def test_cli_bundle_and_verify(shared, tmp_path):
     assert refused.returncode == 2 and refused.stderr.startswith("error: ")
 
 
+@pytest.mark.slow
 def test_share_bundle_after_pipeline_share_mode(tmp_path):
     export_ = synth.generate_export(tmp_path / "in", seed=9, records=300, people=2, ambiguous_person=True)
     data = tmp_path / "data"

@@ -160,6 +160,7 @@ def test_run_without_its_parent_loads_in_full_and_later_runs_never_duplicate(tmp
         assert counts[stream][0] == three_runs.lines(2, stream)
 
 
+@pytest.mark.slow
 def test_build_orders_parents_first_and_skips_loaded_runs(tmp_path, three_runs):
     db = tmp_path / "w.duckdb"
     entries = json.loads((three_runs.out / "state" / "runs.json").read_text())["runs"]
@@ -194,6 +195,7 @@ def test_failed_load_leaves_the_previous_warehouse_unchanged(tmp_path, three_run
     assert ok.status == "loaded"
 
 
+@pytest.mark.slow
 def test_killed_load_leaves_the_previous_warehouse_unchanged(tmp_path, three_runs):
     db = tmp_path / "w.duckdb"
     load(db, three_runs, 0)
@@ -412,6 +414,7 @@ def test_query_is_read_only(loaded_db):
     assert snapshot(loaded_db) == before
 
 
+@pytest.mark.slow
 def test_cli_build_and_query(tmp_path, three_runs):
     db = tmp_path / "w.duckdb"
     proc = subprocess.run([*CLI, "duckdb", "build", "--input", str(three_runs.out / "ndjson"), "--db", str(db)],

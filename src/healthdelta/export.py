@@ -15,6 +15,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from healthdelta.delta import write_stream
 from healthdelta.fsutil import WorkDir, atomic_write_json, fsync_dir
@@ -128,6 +129,8 @@ def _merge_all(dest: Path, spills: dict[str, list[Path]], parent_dir: Path | Non
     (dest / "removed").mkdir()
     counts: dict[str, int] = {}
     delta: dict[str, dict[str, int]] = {}
+    spill_bytes = {stream: sum(p.stat().st_size for p in spills[stream]) for stream in STREAMS}
+    total = sum(spill_bytes.values())
     for stream in STREAMS:
         name = f"{stream}.ndjson"
         # Without a parent every row is added: added/ is then a hard link to the stream
@@ -137,7 +140,8 @@ def _merge_all(dest: Path, spills: dict[str, list[Path]], parent_dir: Path | Non
                 open(dest / "removed" / name, "wb") as removed, \
                 open(os.devnull if first_run else dest / "added" / name, "wb") as added:
             n, n_added, n_removed = write_stream(
-                merge_stream(spills[stream]), rows, index, added, removed,
+                _reporting(merge_stream(spills[stream]), progress, total, spill_bytes[stream]), rows, index, added,
+                removed,
                 parent_dir / name if parent_dir else None,
                 parent_dir / "index" / f"{stream}.keys" if parent_dir else None,
             )
@@ -149,7 +153,27 @@ def _merge_all(dest: Path, spills: dict[str, list[Path]], parent_dir: Path | Non
             os.link(dest / name, dest / "added" / name)
         counts[stream] = n
         delta[stream] = {"added": n_added, "removed": n_removed, "total": n}
-        progress("merging", 1, len(STREAMS))
     for sub in ("index", "added", "removed"):
         fsync_dir(dest / sub)
     return counts, delta
+
+
+MERGE_REPORT_BYTES = 4 << 20
+
+
+def _reporting(lines: Iterator[bytes], progress: ProgressFn, total: int, budget: int) -> Iterator[bytes]:
+    """Pass the merged lines through, reporting `merging` progress in bytes of spill data
+    as they go (the largest stream takes most of the merge), `budget` in all by its end.
+    Resolved duplicates make the merged lines a little shorter than the spill runs."""
+    reported = pending = 0
+    for line in lines:
+        pending += len(line)
+        if pending >= MERGE_REPORT_BYTES:
+            step = min(pending, budget - reported)
+            if step > 0:
+                progress("merging", step, total)
+                reported += step
+            pending = 0
+        yield line
+    if budget > reported:
+        progress("merging", budget - reported, total)

@@ -54,6 +54,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> bool:
     return True
 
 
+def publish_file(tmp: Path, final: Path) -> None:
+    """Make the complete file `tmp` durable and rename it over `final` (same filesystem)."""
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
 def json_bytes(obj: Any, *, indent: int | None = 2) -> bytes:
     """Deterministic JSON: sorted keys, UTF-8, newline-terminated."""
     text = json.dumps(obj, sort_keys=True, indent=indent, ensure_ascii=False)

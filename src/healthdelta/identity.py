@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from healthdelta.errors import InputError, StateError, UsageError
+from healthdelta.progress import ProgressFn, no_progress
 
 SCHEMA_VERSION = 1
 PERSON_PREFIX = "p_"
@@ -415,16 +416,21 @@ class RunFacts:
     unreadable: int
 
 
-def read_run_facts(run_dir: Path, secret: bytes) -> RunFacts:
+def read_run_facts(run_dir: Path, secret: bytes, progress: ProgressFn = no_progress) -> RunFacts:
     """Person facts of a staged run: Me, CDA recordTarget, ECG headers, FHIR Patients,
     and the HealthKit sample fingerprints. Damaged person sources are counted, not fatal
-    (the NDJSON stage reports them)."""
+    (the NDJSON stage reports them). Progress: `identity`, in files read."""
     from healthdelta.parse.cda import read_cda_patient
     from healthdelta.parse.ecg import read_ecg_person
     from healthdelta.parse.fhir import read_patients_fhir
     from healthdelta.parse.healthkit import read_me
 
     layout = _read_layout(run_dir)
+    files = 1 + bool(layout.get("export_cda_xml")) + len(layout.get("ecg_csv", [])) + len(layout.get("clinical_json", []))
+
+    def file_read() -> None:
+        progress("identity", 1, files)
+
     unreadable = 0
     xml = run_dir / layout["export_xml"]
     try:
@@ -435,6 +441,7 @@ def read_run_facts(run_dir: Path, secret: bytes) -> RunFacts:
         samples, possessors = _read_healthkit_head(xml, secret)
     except InputError:
         samples, possessors = (), ()
+    file_read()
     owner_dobs: set[str] = set()
     owner_names: list[dict[str, Any]] = []
     name_sets: list[frozenset[str]] = []
@@ -454,6 +461,7 @@ def read_run_facts(run_dir: Path, secret: bytes) -> RunFacts:
             cda = read_cda_patient(run_dir / layout["export_cda_xml"])
         except InputError:
             cda, unreadable = None, unreadable + 1
+        file_read()
         if cda is not None:
             sources.append("cda")
             if cda.get("birth_date"):
@@ -473,6 +481,8 @@ def read_run_facts(run_dir: Path, secret: bytes) -> RunFacts:
         except InputError:
             unreadable += 1
             continue
+        finally:
+            file_read()
         if "ecg" not in sources:
             sources.append("ecg")
         if ecg.get("birth_date"):
@@ -510,6 +520,8 @@ def read_run_facts(run_dir: Path, secret: bytes) -> RunFacts:
         except (InputError, OSError):
             unreadable += 1
             continue
+        finally:
+            file_read()
         for facts in found:
             patients.append(Observation(
                 source="fhir",
@@ -730,20 +742,21 @@ class IdentityResult:
         }
 
 
-def resolve_run(identity_dir: Path, run_dir: Path, run_id: str) -> IdentityResult:
+def resolve_run(identity_dir: Path, run_dir: Path, run_id: str,
+                progress: ProgressFn = no_progress) -> IdentityResult:
     """Resolve the people of a staged run and the owner of its HealthKit data; update the store.
 
     Idempotent: resolving a run again gives the same ids and leaves the store's bytes
     unchanged. The caller holds the state lock.
     """
     store = Store.open(identity_dir, create=True)
-    result = _resolve(store, run_dir, run_id)
+    result = _resolve(store, run_dir, run_id, progress)
     store.save()
     return result
 
 
-def _resolve(store: Store, run_dir: Path, run_id: str) -> IdentityResult:
-    facts = read_run_facts(run_dir, store.secret)
+def _resolve(store: Store, run_dir: Path, run_id: str, progress: ProgressFn = no_progress) -> IdentityResult:
+    facts = read_run_facts(run_dir, store.secret, progress)
     obs = facts.observations
     clusters, conflict_pairs = cluster_observations(obs, store.secret)
     people_before = set(store.people)
@@ -915,11 +928,30 @@ class ReviewRow:
     state: str
     person_ids: tuple[str, ...]
     reason: str
+    based_on: tuple[str, ...] = ()
+    names: "Names | None" = None  # only when review() was asked for names (local use)
+
+
+@dataclass(frozen=True)
+class Names:
+    """Names and birth dates a person or a link rests on: PII, for the user's own terminal only."""
+
+    names: tuple[str, ...]
+    birth_dates: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReviewPerson:
+    person_id: str
+    label: str
+    owns_runs: int
+    provisional: bool
+    names: Names | None = None
 
 
 @dataclass(frozen=True)
 class Review:
-    people: tuple[tuple[str, str, int, bool], ...]  # (person_id, label, runs owned, provisional)
+    people: tuple[ReviewPerson, ...]
     links: tuple[ReviewRow, ...]
     provisional_runs: tuple[tuple[str, str], ...]  # (run_id, reason)
 
@@ -928,19 +960,58 @@ class Review:
         return sum(1 for r in self.links if r.state in ("unverified", "conflict"))
 
 
-def review(identity_dir: Path) -> Review:
-    """Ids, states and reason codes only: never names, birth dates or identifiers."""
+# What each link reason code rests on, in the words `identity review` shows.
+_LINK_BASIS = {
+    "same_identifier": ("identifier",),
+    "same_name": ("name",),
+    "same_name_birth_date": ("name", "birth_date"),
+    "identifier_conflict": ("identifier",),
+    "identifier_birth_date_conflict": ("identifier", "birth_date"),
+    "name_birth_date_conflict": ("name", "birth_date"),
+    "name_conflict": ("name", "birth_date"),
+    "ambiguous_name": ("name",),
+}
+
+
+def link_basis(reason: str, by_identifier: bool = True) -> tuple[str, ...]:
+    """What a link rests on. A `same_identifier` link without a shared identifier rests on
+    identical HealthKit samples (the same phone's store)."""
+    if reason == "same_identifier" and not by_identifier:
+        return ("healthkit_samples",)
+    return _LINK_BASIS.get(reason, ("unknown",))
+
+
+def review(identity_dir: Path, *, with_names: bool = False) -> Review:
+    """Ids, states, reason codes and what each link rests on; names and birth dates only
+    `with_names` (the caller makes sure that is a local terminal, never a share artifact)."""
     store = Store.open(identity_dir)
+    aliases_of: dict[str, list[dict[str, Any]]] = {}
+    for alias in sorted(store.aliases.values(), key=lambda a: a["alias_id"]):
+        aliases_of.setdefault(alias["person_id"], []).append(alias)
+
+    def names(aliases: Iterable[dict[str, Any]]) -> Names | None:
+        if not with_names:
+            return None
+        aliases = list(aliases)
+        found = (s for a in aliases for n in a.get("names", []) for s in name_strings(n))
+        return Names(tuple(dict.fromkeys(found)),
+                     tuple(sorted({a["birth_date"] for a in aliases if a.get("birth_date")})))
+
     people = tuple(
-        (pid, store.labels.get(pid, ""), len(p.get("owner_of_runs", [])), bool(p.get("provisional")))
+        ReviewPerson(pid, store.labels.get(pid, ""), len(p.get("owner_of_runs", [])), bool(p.get("provisional")),
+                     names(aliases_of.get(pid, [])))
         for pid, p in sorted(store.people.items(), key=lambda kv: _label_order(store.labels.get(kv[0])))
     )
+    rows = []
+    for lk in store.links.values():
+        ends = [store.aliases[a] for a in lk.get("alias_ids", []) if a in store.aliases]
+        if not ends:  # a conflict keeps people apart: it rests on what those people are known by
+            ends = [a for pid in lk["person_ids"] for a in aliases_of.get(pid, [])]
+        id_fps = {i.get("fp") for a in ends for i in a.get("identifiers", [])}
+        rows.append(ReviewRow(lk["link_id"], lk["kind"], lk["state"], tuple(lk["person_ids"]), lk["reason"],
+                              link_basis(lk["reason"], bool(id_fps & set(lk.get("evidence", [])))), names(ends)))
     order = {"conflict": 0, "unverified": 1, "user_confirmed": 2, "verified": 3}
-    links = tuple(sorted(
-        (ReviewRow(lk["link_id"], lk["kind"], lk["state"], tuple(lk["person_ids"]), lk["reason"])
-         for lk in store.links.values()),
-        key=lambda r: (order.get(r.state, 9), r.link_id),
-    ))
+    links = tuple(sorted(rows, key=lambda r: (order.get(r.state, 9), r.link_id)))
     provisional = tuple(sorted((rid, o.get("reason") or "") for rid, o in store.owners.items()
                                if o.get("provisional")))
     return Review(people, links, provisional)

@@ -60,7 +60,7 @@ def compute_fingerprint(inp: ExportInput, progress: ProgressFn = no_progress) ->
     total = sum(f.size for f in inp.files)
     entries = []
     for f in inp.files:
-        sha, size = _hash_file(inp.path / f.relpath, progress, total)
+        sha, size = _hash_file(inp.file_path(f.relpath), progress, total)
         entries.append((f.relpath, size, sha))
     return input_fingerprint(entries)
 
@@ -134,7 +134,7 @@ def _copy_folder(inp: ExportInput, source: Path, progress: ProgressFn):
     ignored = 0
     for f in inp.files:
         rel = inp.export_relpath(f.relpath)
-        with _open_input(inp.path / f.relpath) as fh:
+        with _open_input(inp.file_path(f.relpath)) as fh:
             if rel is None:
                 sha, size = hash_stream(fh, progress=progress, stage="copying", total=total)
                 ignored += 1

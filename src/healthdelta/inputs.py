@@ -1,4 +1,4 @@
-"""Input layout detection (CONTRACT §2): export.zip, the unpacked folder, or its parent.
+"""Input layout detection: export.zip, the unpacked folder, its parent, or a bare export.xml.
 
 Everything here only looks: names, sizes and zip headers are checked before a
 single byte is written anywhere, so a hostile archive is refused whole.
@@ -38,7 +38,7 @@ class ExportInput:
     """A recognised export: where it is, in which form, and which files it holds."""
 
     path: Path
-    form: Literal["zip", "export_folder", "parent_folder"]
+    form: Literal["zip", "export_folder", "parent_folder", "export_xml"]
     root: str  # prefix of the export root inside the input: "" or "apple_health_export/"
     files: tuple[InputFile, ...]
 
@@ -53,6 +53,10 @@ class ExportInput:
         if self.is_zip:
             return 1, self.path.stat().st_size
         return len(self.files), sum(f.size for f in self.files)
+
+    def file_path(self, relpath: str) -> Path:
+        """Where the input file `relpath` is on disk (not for zip members)."""
+        return self.path if self.form == "export_xml" else self.path / relpath
 
     def export_relpath(self, relpath: str) -> str | None:
         """Path relative to the export root, or None for files outside it."""
@@ -96,7 +100,7 @@ def detect_input(path: Path) -> ExportInput:
     if stat.S_ISDIR(st.st_mode):
         return _detect_folder(path)
     if stat.S_ISREG(st.st_mode):
-        return _detect_zip(path)
+        return _detect_file(path)
     raise InputError("input is neither a regular file nor a folder")
 
 
@@ -134,16 +138,60 @@ def _walk_files(top: Path):
             raise InputError("the input folder contains a special file (pipe, socket or device)")
 
 
-def _detect_zip(path: Path) -> ExportInput:
+EXPECTED = "give export.zip, the apple_health_export folder (or the folder holding it), or export.xml"
+HEAD_BYTES = 64 << 10  # Apple's DOCTYPE, which names HealthData, fits well within this
+
+
+def _detect_file(path: Path) -> ExportInput:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(HEAD_BYTES)
+    except PermissionError:
+        raise InputError("input cannot be read (permission denied)") from None
+    if not head.startswith(b"PK") and looks_like_export_xml(path.name, head):
+        export_xml = InputFile(EXPORT_XML, path.stat().st_size)
+        _check_export_xml_size(export_xml)
+        # Staged and fingerprinted exactly like a folder holding only this file.
+        return ExportInput(path=path, form="export_xml", root="", files=(export_xml,))
+    return _detect_zip(path, head)
+
+
+def looks_like_export_xml(name: str, head: bytes) -> bool:
+    """A file given alone is taken as export.xml by its name, or (renamed, e.g. by a
+    download) by an XML start naming the HealthData root."""
+    if name == EXPORT_XML:
+        return True
+    text = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+    return text.startswith(b"<") and (b"<!DOCTYPE HealthData" in text or b"<HealthData" in text)
+
+
+def not_an_export_message(head: bytes) -> str:
+    """What a file that is neither a zip nor export.xml was, and what is expected instead.
+    Says the kind of file only: never its name or contents."""
+    text = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+    if head.startswith(b"PK"):
+        given = "the input is a damaged zip archive (corrupt or truncated)"
+    elif head.startswith(b"%PDF"):
+        given = "the input is a PDF document, not an Apple Health export"
+    elif text.startswith(b"<"):
+        given = "the input is an XML file without Apple Health data (not export.xml)"
+    elif not head:
+        given = "the input is an empty file"
+    else:
+        given = "the input is not a zip archive or an export folder"
+    return f"{given}: {EXPECTED}"
+
+
+def _detect_zip(path: Path, head: bytes) -> ExportInput:
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
     except zipfile.BadZipFile:
-        raise InputError("input is not a valid zip archive (corrupt or not a zip)") from None
+        raise InputError(not_an_export_message(head)) from None
     except PermissionError:
         raise InputError("input cannot be read (permission denied)") from None
     except (OSError, EOFError, ValueError, NotImplementedError):
-        raise InputError("input zip archive cannot be read (corrupt)") from None
+        raise InputError(f"the input zip archive cannot be read (corrupt or truncated): {EXPECTED}") from None
     files = check_zip_members(infos, archive_size=path.stat().st_size)
     roots = sorted(
         f.relpath[: -len(EXPORT_XML)] for f in files

@@ -222,7 +222,7 @@ def _after_staging(run: _NewRun, identity_work: IdentityWork) -> PipelineResult:
     staging_dir = run.staging_work.path
     identity_dir = identity_work.path
     # The owner of the HealthKit data; provisional (per run) when unsafe to say.
-    ident = identity.resolve_run(identity_dir, staging_dir, run_id)
+    ident = identity.resolve_run(identity_dir, staging_dir, run_id, progress)
     stages["identity"] = ident.as_report()
     base = _delta_base(run, ident.owner_person_id, identity_dir)
     if base is not None and _same_content(layout, base, run.staged):

@@ -6,8 +6,19 @@ from __future__ import annotations
 from typing import Callable
 
 # stage: short label ("hashing", "copying", ...); advance: units done since the last
-# call (bytes unless the stage says otherwise); total: units of the whole stage or None.
+# call, in the stage's unit (`STAGE_UNITS`); total: units of the whole stage or None.
 ProgressFn = Callable[[str, int, "int | None"], None]
+
+# The unit each stage counts in, where it is not bytes (of input, staged files, spill
+# runs or NDJSON: hashing, copying, extracting, parsing, deid, merging, loading, ...).
+STAGE_UNITS = {
+    "identity": "files",
+    "report": "steps",
+}
+
+
+def stage_unit(stage: str) -> str:
+    return STAGE_UNITS.get(stage, "bytes")
 
 
 def no_progress(stage: str, advance: int, total: int | None) -> None:

@@ -120,22 +120,32 @@ def build_report(db_path: Path, out_dir: Path, *, mode: str = "local", run_id: s
                         people=len([k for k in labels if k is not None]))
 
 
-def show(db_path: Path, *, units_system: str | None = None) -> list[str]:
-    """Lines for `report show`: tables and counts, people, date range, top types, latest
-    values (in the export's units unless `units_system` is given), last run's delta."""
+def show_data(db_path: Path, *, units_system: str | None = None) -> dict[str, Any]:
+    """What `report show` summarises, as data (`report show --json`): tables and counts, people,
+    date range, top types, latest values (in the export's units unless `units_system` is given),
+    the last run's delta; `runs` 0 when nothing is loaded."""
     if units_system is not None and units_system not in units.SYSTEMS:
         raise UsageError("--units must be metric or us")
     con = warehouse.connect(db_path, read_only=True)
     try:
         if not warehouse.is_initialised(con):
-            return ["warehouse: empty (no run loaded)"]
+            return {"tables": dict.fromkeys(STREAMS, 0), "runs": 0, "removed_total": 0, "first_date": None,
+                    "last_date": None, "people": [], "top_types": [], "since": None, "latest_values": [],
+                    "units": units_system}
         _check_views(con)
         run = _select_run(con, None)
         ctx = _Ctx(con, "local", person_label_map(con, "local", None), run, units_system or export_units(con))
         _collect(ctx)
     finally:
         con.close()
-    d = ctx.data
+    return {**ctx.data, "latest_values": _metrics(ctx), "units": ctx.system}
+
+
+def show(db_path: Path, *, units_system: str | None = None) -> list[str]:
+    """`show_data` as lines for the terminal."""
+    d = show_data(db_path, units_system=units_system)
+    if not d["runs"]:
+        return ["warehouse: empty (no run loaded)"]
     total = sum(d["tables"].values())
     lines = [f"records: {total:,} in {sum(1 for v in d['tables'].values() if v)} of {len(STREAMS)} stream tables"
              f" ({d['removed_total']:,} of them removed by a later export)"]
@@ -151,10 +161,9 @@ def show(db_path: Path, *, units_system: str | None = None) -> list[str]:
     lines.append("top record types:")
     for t in d["top_types"][:10]:
         lines.append(f"  {t['record_type']}  ({t['stream']})  {t['records']:,}")
-    metrics = _metrics(ctx)
-    if metrics:
-        lines.append(f"latest values ({ctx.system} units):")
-        lines += [f"  {m['person']}: {'; '.join(_metric_phrases(m))}" for m in metrics]
+    if d["latest_values"]:
+        lines.append(f"latest values ({d['units']} units):")
+        lines += [f"  {m['person']}: {'; '.join(_metric_phrases(m))}" for m in d["latest_values"]]
     s = d["since"]
     if s:
         lines.append(f"last run: {s['run_id'][:12]} (load {s['load_seq']}, {s['load_mode']}"

@@ -47,9 +47,12 @@ import csv
 import io
 import json
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
-from typing import IO, Any, Iterable, Mapping
+from typing import IO, Any, Callable, Iterable, Mapping
 
 import duckdb
 import orjson
@@ -909,13 +912,14 @@ def _load_in_transaction(con: duckdb.DuckDBPyConnection, ndjson_dir: Path, run: 
         for stream in STREAMS:
             source = sources[stream]
             unknown |= {f"{stream}.{f}" for f in _unknown_fields(stream, source)}
-            inserted[stream] = _insert_stream(con, stream, source, run_id)
+            # Progress in bytes of NDJSON loaded, also while one large stream's insert runs.
+            with _statement_progress(con, lambda n: progress("loading", n, total), source.stat().st_size):
+                inserted[stream] = _insert_stream(con, stream, source, run_id)
             removed[stream] = 0
             if load_mode == "delta":
                 gone = ndjson_dir / "removed" / f"{stream}.ndjson"
                 if gone.is_file() and gone.stat().st_size:
                     removed[stream] = _mark_removed(con, stream, gone, run_id)
-            progress("loading", source.stat().st_size, total)  # bytes of NDJSON loaded
         _insert_run(con, run, delta, load_mode, parent_loaded, inserted, removed)
         con.execute("COMMIT")
     except BaseException as exc:
@@ -943,6 +947,39 @@ def _load_error_message(exc: duckdb.Error) -> str:
     if isinstance(exc, duckdb.IOException):
         return "the warehouse could not be written (disk full or read-only?); nothing was loaded"
     return f"the warehouse load failed ({type(exc).__name__}); nothing was loaded"
+
+
+PROGRESS_POLL_SECONDS = 0.5
+
+
+@contextmanager
+def _statement_progress(con: duckdb.DuckDBPyConnection, report: Callable[[int], None], units: int):
+    """Report `units` over the statements run inside the block: while they run, a helper
+    thread reports DuckDB's own estimate of the running statement's progress (so one
+    long insert is not a frozen bar); the rest is reported when the block succeeds."""
+    con.execute("SET enable_progress_bar = true")
+    con.execute("SET enable_progress_bar_print = false")
+    reported = 0
+    stop = threading.Event()
+
+    def poll() -> None:
+        nonlocal reported
+        while not stop.wait(PROGRESS_POLL_SECONDS):
+            percent = con.query_progress()
+            done = int(units * min(max(percent, 0.0), 100.0) / 100)
+            if done > reported:
+                report(done - reported)
+                reported = done
+
+    thread = threading.Thread(target=poll, name="load-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    if units > reported:
+        report(units - reported)
 
 
 def _insert_stream(con: duckdb.DuckDBPyConnection, stream: str, source: Path, run_id: str) -> int:
@@ -1170,40 +1207,29 @@ def table_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
 _SQL_ERRORS_WITHOUT_DATA = (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException)
 
 
-def query(db_path: Path, sql: str, out: IO[bytes] | IO[str]) -> int:
-    """`duckdb query`: run one SQL statement on a read-only connection, stream CSV to `out`.
+QUERY_FORMATS = ("csv", "json", "parquet")
 
-    Rows are fetched in batches (never the whole result at once). Values are rendered
-    by DuckDB itself (the statement is wrapped as `SELECT COLUMNS(*)::VARCHAR FROM
-    (...)`), so timestamps, lists and structs print as DuckDB prints them and NULL is
-    an empty field; statements that cannot be wrapped (PRAGMA) are run as given.
+
+def query(db_path: Path, sql: str, out: IO[bytes] | IO[str], fmt: str = "csv") -> int:
+    """`duckdb query`: run one SQL statement on a read-only connection, stream it to `out`.
+
+    csv: values rendered by DuckDB itself (the statement is wrapped as `SELECT
+    COLUMNS(*)::VARCHAR FROM (...)`), so timestamps, lists and structs print as DuckDB
+    prints them; NULL is an empty field. json: one JSON array, one row object per line
+    with the columns in the query's order; numbers, booleans, lists and structs stay
+    JSON values, NaN/Infinity and NULL are null, timestamps are ISO 8601 text, DECIMAL
+    is a number and any other type its text. Rows are fetched in batches (never the
+    whole result at once); statements that cannot be wrapped (PRAGMA) are run as given.
     Returns the number of rows written.
     """
-    con = connect(db_path, read_only=True)
-    # Least privilege: the statement sees the warehouse only (no files, no ATTACH, no
-    # extensions), and cannot turn that back on.
-    con.execute("SET enable_external_access = false")
-    con.execute("SET lock_configuration = true")
+    con = _query_connection(db_path)
     text_out, detach = (out, False) if isinstance(out, io.TextIOBase) else (
         io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True), True)  # type: ignore[arg-type]
     try:
+        _execute_query(con, _one_statement(con, sql), as_text=fmt == "csv")
+        write = _write_csv if fmt == "csv" else _write_json
         try:
-            statements = con.extract_statements(sql)
-        except duckdb.Error as exc:
-            raise UsageError(f"the query is not valid: {str(exc).splitlines()[0]}") from None
-        if len(statements) != 1:
-            raise UsageError("give exactly one SQL statement")
-        text = sql.strip().rstrip(";").strip()
-        _execute_query(con, text)
-        if not con.description:
-            return 0
-        writer = csv.writer(text_out, lineterminator="\n")
-        writer.writerow([d[0] for d in con.description])
-        rows = 0
-        try:
-            while batch := con.fetchmany(QUERY_BATCH_ROWS):
-                writer.writerows(batch)
-                rows += len(batch)
+            rows = write(con, text_out)
         except duckdb.Error as exc:
             raise HealthDeltaError(f"the query failed while reading its result ({type(exc).__name__})") from None
         text_out.flush()
@@ -1214,19 +1240,110 @@ def query(db_path: Path, sql: str, out: IO[bytes] | IO[str]) -> int:
         con.close()
 
 
-def _execute_query(con: duckdb.DuckDBPyConnection, text: str) -> None:
+def query_parquet(db_path: Path, sql: str, dest: Path) -> int:
+    """`duckdb query --format parquet`: DuckDB's own Parquet writer (COPY) writes the
+    result to `dest`, whose folder (private and empty) is the only place the connection
+    may touch besides the warehouse. Returns the number of rows."""
+    dest = dest.parent.resolve() / dest.name  # DuckDB checks the path it is given against the allowed folder
+    con = _query_connection(db_path, writable_dir=dest.parent)
     try:
+        text = _one_statement(con, sql)
+        with _query_errors():
+            relation = con.sql(text)
+            if relation is None:
+                raise UsageError("--format parquet needs a statement that returns rows")
+            relation.write_parquet(str(dest))
+        return con.execute("SELECT count(*) FROM read_parquet(?)", [str(dest)]).fetchone()[0]
+    finally:
+        con.close()
+
+
+def _query_connection(db_path: Path, writable_dir: Path | None = None) -> duckdb.DuckDBPyConnection:
+    con = connect(db_path, read_only=True)
+    # Least privilege: the statement sees the warehouse only (no files, no ATTACH, no
+    # extensions) besides the folder the caller's output goes to, and cannot turn that back on.
+    if writable_dir is not None:
+        quoted = str(writable_dir).replace("'", "''")
+        con.execute(f"SET allowed_directories = ['{quoted}/']")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def _one_statement(con: duckdb.DuckDBPyConnection, sql: str) -> str:
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise UsageError(f"the query is not valid: {str(exc).splitlines()[0]}") from None
+    if len(statements) != 1:
+        raise UsageError("give exactly one SQL statement")
+    return sql.strip().rstrip(";").strip()
+
+
+def _write_csv(con: duckdb.DuckDBPyConnection, out: IO[str]) -> int:
+    if not con.description:
+        return 0
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([d[0] for d in con.description])
+    rows = 0
+    while batch := con.fetchmany(QUERY_BATCH_ROWS):
+        writer.writerows(batch)
+        rows += len(batch)
+    return rows
+
+
+def _write_json(con: duckdb.DuckDBPyConnection, out: IO[str]) -> int:
+    names = [d[0] for d in con.description or ()]
+    if len(set(names)) != len(names):
+        raise UsageError("--format json needs distinct column names: give repeated columns an alias (AS ...)")
+    out.write("[")
+    rows = 0
+    while con.description and (batch := con.fetchmany(QUERY_BATCH_ROWS)):
+        for row in batch:
+            try:
+                line = orjson.dumps(dict(zip(names, row)), default=_json_value, option=orjson.OPT_NON_STR_KEYS)
+            except orjson.JSONEncodeError:
+                raise UsageError("--format json: a value does not fit in a 64-bit integer; "
+                                 "CAST that column to DOUBLE or VARCHAR") from None
+            out.write(("\n" if rows == 0 else ",\n") + line.decode("utf-8"))
+            rows += 1
+    out.write("\n]\n")
+    return rows
+
+
+def _json_value(value: object) -> object:
+    """Types orjson leaves to the caller: DECIMAL as a number, BLOB as hex, anything else as text."""
+    if isinstance(value, Decimal):
+        return float(value)
+    return value.hex() if isinstance(value, bytes) else str(value)
+
+
+def _execute_query(con: duckdb.DuckDBPyConnection, text: str, *, as_text: bool) -> None:
+    with _query_errors():
+        if not as_text:
+            con.execute(text)
+            return
         try:
             con.execute(f"SELECT COLUMNS(*)::VARCHAR FROM ({text}) AS hd_query")
         except (duckdb.ParserException, duckdb.CatalogException):
             con.execute(text)  # PRAGMA and other statements that are not a relation
+
+
+@contextmanager
+def _query_errors():
+    """The user's statement failed: say why without quoting data values."""
+    try:
+        yield
     except _SQL_ERRORS_WITHOUT_DATA as exc:
         # These describe the SQL text the user wrote, never data values.
         raise UsageError(f"the query is not valid: {str(exc).splitlines()[0]}") from None
     except duckdb.PermissionException:
         raise UsageError("`duckdb query` reads the warehouse only: no files, other databases or extensions") from None
     except duckdb.Error as exc:
-        if "read-only" in str(exc).lower() or "read only" in str(exc).lower():
+        message = str(exc).lower()
+        if "read-only" in message or "read only" in message:
             raise UsageError("the warehouse is opened read-only: `duckdb query` cannot change it") from None
-        # Conversion and similar errors quote values; CONTRACT §10 keeps them out.
+        if "configuration has been locked" in message:
+            raise UsageError("`duckdb query` cannot change the connection's settings") from None
+        # Conversion and similar errors quote values: keep them out of the message.
         raise HealthDeltaError(f"the query failed ({type(exc).__name__})") from None

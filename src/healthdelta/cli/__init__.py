@@ -1,7 +1,8 @@
 """The `healthdelta` command line: the only layer that prints or exits.
 
 Commands read options, call one library function and print its result; every
-error reaches `main`, which prints one `error: ...` line (CONTRACT §10).
+error reaches `main`, which prints one `error: ...` line: no traceback, no input
+path, no data value.
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ def export_group() -> None:
               help="A staged run directory, <out>/staging/<run_id>.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("data/ndjson"), show_default=True,
               help="Receives <run_id>/; the delta is taken against <out>/<parent_run_id>/ if present.")
-@click.option("--mode", type=click.Choice(["local", "share"]), default="local", show_default=True)
+@click.option("--mode", type=click.Choice(["local", "share"]), default="local", show_default=True,
+              help="local only here: share-mode NDJSON is written by `pipeline run --mode share`, "
+                   "which de-identifies the export first.")
 @global_options
 @click.pass_context
 def export_ndjson(ctx, run_dir, out, mode):
@@ -32,7 +34,8 @@ def export_ndjson(ctx, run_dir, out, mode):
     Example: healthdelta export ndjson --input data/staging/<run_id> --out data/ndjson
     """
     if mode == "share":
-        raise UsageError("share mode needs the de-identification stage, which this version does not include yet")
+        raise UsageError("`export ndjson` writes local-mode NDJSON; share-mode NDJSON comes from "
+                         "`pipeline run --mode share` (or `run all --mode share`), which de-identifies first")
     progress = make_progress(ctx)
     try:
         result = pipeline.export_ndjson(run_dir, out, progress)
@@ -75,7 +78,7 @@ def export_validate(ndjson_dir, tokens, regexes):
 
 @export_group.command("profile")
 @click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
-              help="export.zip, the apple_health_export folder, or its parent.")
+              help="export.zip, the apple_health_export folder, its parent, or export.xml alone.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for profile.json.")
 @global_options
 @click.pass_context

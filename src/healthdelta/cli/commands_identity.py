@@ -1,12 +1,14 @@
 """`identity build|review|confirm`, `deid`, `share bundle|verify`.
 
 Nothing printed here ever holds a name, birth date or identifier: only ids,
-labels, states, reason codes and counts (CONTRACT §8).
+labels, states, reason codes and counts; the one exception is `identity review
+--show-names`, which the user asks for on a local-mode state, for their own screen.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import click
@@ -14,7 +16,7 @@ import click
 from healthdelta import deid, identity, ingest, registry, share
 from healthdelta.cli.options import cli, global_options, lock_timeout_option, make_progress, notice
 from healthdelta.errors import InputError, UsageError
-from healthdelta.fsutil import StateLock, WorkDir
+from healthdelta.fsutil import StateLock, WorkDir, json_bytes
 
 
 def _state_for(out: Path, state: Path | None) -> Path:
@@ -75,23 +77,63 @@ def identity_build(run_dirs, out, state, lock_timeout):
 @identity_group.command("review")
 @click.option("--state", type=click.Path(path_type=Path), default=Path("data/state"), show_default=True,
               help="State directory.")
+@click.option("--show-names", is_flag=True,
+              help="Also show the names and birth dates each person and link rests on (local-mode state only; "
+                   "for your own screen, never for sharing).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @global_options
-def identity_review(state):
-    """People, links and provisional runs: ids, labels and states only, never names.
+def identity_review(state, show_names, as_json):
+    """People, links (and what each rests on) and provisional runs, with the command that
+    confirms each unverified link. Ids, labels and states only unless --show-names.
 
-    Example: healthdelta identity review --state data/state
+    Example: healthdelta identity review --state data/state --show-names
     """
-    review = identity.review(state / "identity")
+    if show_names and any(e.get("mode") == "share" for e in registry.read_registry(state).runs.values()):
+        raise UsageError("--show-names is for local-mode outputs: this state holds share-mode runs")
+    review = identity.review(state / "identity", with_names=show_names)
+    confirm = {r.link_id: f"healthdelta identity confirm --link {r.link_id} --state {shlex.quote(state.as_posix())}"
+               for r in review.links if r.state == "unverified"}
+    if as_json:
+        click.echo(json_bytes(_review_json(review, confirm)).decode("utf-8"), nl=False)
+        return
+    names = _names_text if show_names else None
     click.echo("PEOPLE")
-    _table([("PERSON", "LABEL", "OWNS_RUNS", "PROVISIONAL")]
-           + [(pid, label, str(runs), "yes" if prov else "no") for pid, label, runs, prov in review.people])
+    _table([("PERSON", "LABEL", "OWNS_RUNS", "PROVISIONAL") + (("NAMES",) if names else ())]
+           + [(p.person_id, p.label, str(p.owns_runs), "yes" if p.provisional else "no")
+              + ((names(p.names),) if names else ()) for p in review.people])
     click.echo("LINKS")
-    _table([("LINK", "KIND", "STATE", "REASON", "PERSONS")]
-           + [(r.link_id, r.kind, r.state, r.reason, ",".join(r.person_ids)) for r in review.links])
+    _table([("LINK", "KIND", "STATE", "REASON", "BASED_ON", "PERSONS") + (("NAMES",) if names else ())]
+           + [(r.link_id, r.kind, r.state, r.reason, "+".join(r.based_on), ",".join(r.person_ids))
+              + ((names(r.names),) if names else ()) for r in review.links])
     if review.provisional_runs:
         click.echo("PROVISIONAL RUNS")
         _table([("RUN", "REASON")] + [(rid[:12], reason) for rid, reason in review.provisional_runs])
+    if confirm:
+        click.echo("TO CONFIRM (after checking that both sides are the same person)")
+        for command in confirm.values():
+            click.echo(f"  {command}")
     click.echo(f"needs_review={review.needs_attention}")
+
+
+def _names_text(names: identity.Names | None) -> str:
+    if names is None or not (names.names or names.birth_dates):
+        return "-"
+    return "; ".join(names.names) + (f" (born {', '.join(names.birth_dates)})" if names.birth_dates else "")
+
+
+def _review_json(review: identity.Review, confirm: dict[str, str]) -> dict:
+    def names(found: identity.Names | None) -> dict:
+        return {} if found is None else {"names": list(found.names), "birth_dates": list(found.birth_dates)}
+
+    return {
+        "people": [{"person_id": p.person_id, "label": p.label, "owns_runs": p.owns_runs,
+                    "provisional": p.provisional, **names(p.names)} for p in review.people],
+        "links": [{"link_id": r.link_id, "kind": r.kind, "state": r.state, "reason": r.reason,
+                   "based_on": list(r.based_on), "person_ids": list(r.person_ids),
+                   "confirm_command": confirm.get(r.link_id), **names(r.names)} for r in review.links],
+        "provisional_runs": [{"run_id": rid, "reason": reason} for rid, reason in review.provisional_runs],
+        "needs_review": review.needs_attention,
+    }
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:

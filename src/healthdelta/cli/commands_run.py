@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import click
 
 from healthdelta import pipeline, registry
+from healthdelta.fsutil import json_bytes
 from healthdelta.cli.options import (
     cli, global_options, json_option, layout_from, lock_timeout_option, make_progress, notice, out_options,
     self_command,
@@ -25,7 +25,7 @@ def run_options(f):
     """The flags `pipeline run` and `run all` share."""
     for option in reversed([
         click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
-                     help="export.zip, the apple_health_export folder, or its parent."),
+                     help="export.zip, the apple_health_export folder, its parent, or export.xml alone."),
         out_options,
         click.option("--mode", type=click.Choice(["local", "share"]), default="local", show_default=True),
         click.option("--since", default="last", show_default=True, help="Parent run: `last` or a run id."),
@@ -59,12 +59,16 @@ def _options(input_path, out, state, mode, since, expected_run_id, skip_deid, da
 def _emit(summary: dict, as_json: bool, lines: tuple[str, ...] = ()) -> None:
     """The result as `key=value` lines (preceded by any plain lines), or as one JSON object."""
     if as_json:
-        click.echo(json.dumps(summary, sort_keys=True, ensure_ascii=False))
+        _echo_json(summary)
         return
     for line in lines:
         click.echo(line)
     for key, value in summary.items():
         click.echo(f"{key}={'' if value is None else value}")
+
+
+def _echo_json(obj: dict) -> None:
+    click.echo(json_bytes(obj).decode("utf-8"), nl=False)
 
 
 def _shown(layout, rel: str) -> str:
@@ -186,7 +190,7 @@ def run_list(state, as_json):
     """
     runs = pipeline.list_runs(state)
     if as_json:
-        click.echo(json.dumps({"runs": runs}, sort_keys=True, ensure_ascii=False))
+        _echo_json({"runs": runs})
         return
     if not runs:
         click.echo("no runs registered")
@@ -224,7 +228,7 @@ def run_show(run_id, state, as_json):
     wanted = registry.read_registry(state).resolve(run_id)["run_id"]
     e = next(r for r in pipeline.list_runs(state) if r["run_id"] == wanted)
     if as_json:
-        click.echo(json.dumps(e, sort_keys=True, ensure_ascii=False))
+        _echo_json(e)
         return
     fp = e.get("input_fingerprint", {})
     click.echo(f"run_id={e['run_id']}")
@@ -266,8 +270,7 @@ def run_prune(out, state, keep, dry_run, as_json, lock_timeout):
     summary = {"dry_run": result.dry_run, "pruned": len(result.pruned), "kept": len(result.kept),
                "freed_bytes": result.bytes_freed}
     if as_json:
-        click.echo(json.dumps({**summary, "pruned_runs": list(result.pruned), "kept_runs": list(result.kept)},
-                              sort_keys=True))
+        _echo_json({**summary, "pruned_runs": list(result.pruned), "kept_runs": list(result.kept)})
         return
     for rid in result.pruned:
         click.echo(f"{'would prune' if dry_run else 'pruned'} {rid[:12]}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import click
 from healthdelta import registry, report, sources, units, warehouse
 from healthdelta.cli.options import cli, global_options, make_progress, notice
 from healthdelta.errors import UsageError
-from healthdelta.fsutil import TMP_PREFIX, fsync_dir
+from healthdelta.fsutil import WorkDir, json_bytes, publish_file
 
 
 @cli.group("duckdb")
@@ -83,31 +82,35 @@ def duckdb_build(ctx, ndjson_input, db_path, replace, state, priority_path):
 @duckdb_group.command("query")
 @click.option("--db", "db_path", required=True, type=click.Path(path_type=Path), help="The warehouse file.")
 @click.option("--sql", required=True, help="One SQL statement; the warehouse is opened read-only.")
+@click.option("--format", "fmt", type=click.Choice(warehouse.QUERY_FORMATS), default="csv", show_default=True,
+              help="csv: header line, NULL as empty. json: one JSON array, a row object per line. "
+                   "parquet: DuckDB's Parquet file (needs --out).")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=None,
-              help="Write the CSV to this file (atomically) instead of stdout.")
+              help="Write the result to this file (atomically) instead of stdout.")
 @global_options
-def duckdb_query(db_path, sql, out_path):
-    """Run one SQL statement read-only and write the result as CSV (header line, NULL as empty).
+def duckdb_query(db_path, sql, fmt, out_path):
+    """Run one SQL statement read-only and write its result as CSV, JSON or Parquet.
 
     Example: healthdelta duckdb query --db data/warehouse.duckdb --sql "SELECT * FROM daily_steps"
+    --format parquet --out steps.parquet
     """
     if out_path is None:
-        warehouse.query(db_path, sql, sys.stdout.buffer)
+        if fmt == "parquet":
+            raise UsageError("--format parquet writes a file: give --out FILE")
+        warehouse.query(db_path, sql, sys.stdout.buffer, fmt)
         sys.stdout.buffer.flush()
         return
     if out_path.is_dir():
         raise UsageError("--out must be a file, not a directory")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f"{TMP_PREFIX}{out_path.name}-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            rows = warehouse.query(db_path, sql, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_path)
-        fsync_dir(out_path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with WorkDir(out_path.parent, "query") as work:
+        result = work.path / "result"
+        if fmt == "parquet":
+            rows = warehouse.query_parquet(db_path, sql, result)
+        else:
+            with open(result, "wb") as fh:
+                rows = warehouse.query(db_path, sql, fh, fmt)
+        publish_file(result, out_path)
     click.echo(f"out={out_path.as_posix()}")
     click.echo(f"rows={rows}")
 
@@ -170,11 +173,15 @@ def report_build(ctx, db_path, out_dir, mode, run_id, labels_path, units_system,
 @click.option("--db", "db_path", required=True, type=click.Path(path_type=Path), help="The warehouse file.")
 @click.option("--units", "units_system", type=click.Choice(units.SYSTEMS), default=None,
               help="Units of the values shown (default: those the export is written in).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @global_options
-def report_show(db_path, units_system):
+def report_show(db_path, units_system, as_json):
     """Print a short summary: tables and row counts, people, date range, top types, last run's delta.
 
     Example: healthdelta report show --db data/warehouse.duckdb
     """
+    if as_json:
+        click.echo(json_bytes(report.show_data(db_path, units_system=units_system)).decode("utf-8"), nl=False)
+        return
     for line in report.show(db_path, units_system=units_system):
         click.echo(line)

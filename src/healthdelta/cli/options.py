@@ -11,7 +11,7 @@ import click
 
 from healthdelta import __version__
 from healthdelta.cli.faults import with_fault
-from healthdelta.cli.progress import ProgressDisplay
+from healthdelta.cli.progress import ProgressDisplay, command_plan
 from healthdelta.layout import OutLayout
 
 
@@ -37,8 +37,8 @@ def global_options(f):
 class CommandProgress(ProgressDisplay):
     """The display plus the test-only fault hook, as the one callback stages get."""
 
-    def __init__(self, mode) -> None:
-        super().__init__(mode)
+    def __init__(self, mode, plan=None) -> None:
+        super().__init__(mode, plan=plan)
         self.callback = with_fault(super().__call__)
 
     def __call__(self, stage: str, advance: int, total: int | None) -> None:
@@ -48,7 +48,9 @@ class CommandProgress(ProgressDisplay):
 def make_progress(ctx: click.Context) -> CommandProgress:
     meta = ctx.find_root().meta
     mode = "never" if meta.get("quiet") else meta.get("progress", "auto")
-    return CommandProgress(mode)
+    command = ctx.command_path.split(" ", 1)[-1]
+    share = ctx.params.get("mode") == "share" and not ctx.params.get("skip_deid")
+    return CommandProgress(mode, command_plan(command, share))
 
 
 def notice(ctx: click.Context, message: str) -> None:
@@ -58,7 +60,7 @@ def notice(ctx: click.Context, message: str) -> None:
 
 
 def out_options(f):
-    """`--out` and `--state` as CONTRACT §1 defines them."""
+    """`--out` (the base output directory) and `--state` (default <out>/state)."""
     f = click.option("--state", "state", type=click.Path(path_type=Path), default=None,
                      help="State directory (default <out>/state).")(f)
     f = click.option("--out", "out", type=click.Path(path_type=Path), default=Path("data"),
