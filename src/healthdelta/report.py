@@ -120,6 +120,9 @@ def build_report(db_path: Path, out_dir: Path, *, mode: str = "local", run_id: s
                         people=len([k for k in labels if k is not None]))
 
 
+_SHOW_KEYS = ("tables", "runs", "removed_total", "first_date", "last_date", "people", "top_types", "since")
+
+
 def show_data(db_path: Path, *, units_system: str | None = None) -> dict[str, Any]:
     """What `report show` summarises, as data (`report show --json`): tables and counts, people,
     date range, top types, latest values (in the export's units unless `units_system` is given),
@@ -138,7 +141,8 @@ def show_data(db_path: Path, *, units_system: str | None = None) -> dict[str, An
         _collect(ctx)
     finally:
         con.close()
-    return {**ctx.data, "latest_values": _metrics(ctx), "units": ctx.system}
+    summary = {k: ctx.data[k] for k in _SHOW_KEYS}
+    return {**summary, "latest_values": _metrics(ctx), "units": ctx.system}
 
 
 def show(db_path: Path, *, units_system: str | None = None) -> list[str]:
