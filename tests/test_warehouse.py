@@ -434,3 +434,22 @@ def test_cli_build_and_query(tmp_path, three_runs):
                           capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
     assert str(tmp_path) not in proc.stderr
+
+
+def test_duckdb_resources_are_bounded(tmp_path, monkeypatch):
+    """DuckDB gets a memory limit (not 80% of RAM) and spills beside the warehouse, inside <out>."""
+    db = tmp_path / "out" / "warehouse.duckdb"
+    db.parent.mkdir()
+    con = warehouse.connect(db)
+    limit = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    spill = con.execute("SELECT current_setting('temp_directory')").fetchone()[0]
+    con.close()
+    assert limit == "244.1 MiB"  # 256 MB, as DuckDB prints it
+    assert spill == str(db) + ".tmp"
+    monkeypatch.setenv(warehouse.MEMORY_LIMIT_ENV, "1GB")
+    con = warehouse.connect(db)
+    assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] == "953.6 MiB"  # 1 GB
+    con.close()
+    monkeypatch.setenv(warehouse.MEMORY_LIMIT_ENV, "lots; DROP TABLE runs")
+    with pytest.raises(UsageError):
+        warehouse.connect(db)

@@ -47,6 +47,7 @@ import csv
 import io
 import json
 import os
+import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -711,7 +712,32 @@ def connect(db_path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnect
     except duckdb.Error:
         raise HealthDeltaError("the warehouse file could not be opened (not a DuckDB database?)") from None
     con.execute("SET TimeZone = 'UTC'")
+    _bound_resources(con, Path(db_path), read_only)
     return con
+
+
+# DuckDB's default memory limit is 80% of RAM: one warehouse load could then take most of a
+# laptop. Bounded here, it spills to `<warehouse>.tmp/` beside the file (inside <out>) instead;
+# measured on a 136 MB export.xml, 256 MB leaves `run all` as fast as unbounded and its peak RSS
+# at about a third (benchmarks/side_by_side.py; docs/runbook_warehouse.md).
+MEMORY_LIMIT_ENV = "HEALTHDELTA_DUCKDB_MEMORY_LIMIT"
+DEFAULT_MEMORY_LIMIT = "256MB"
+_MEMORY = re.compile(r"\d+(\.\d+)?\s*(KB|MB|GB|KiB|MiB|GiB)", re.IGNORECASE)
+
+
+def memory_limit() -> str:
+    value = os.environ.get(MEMORY_LIMIT_ENV, DEFAULT_MEMORY_LIMIT).strip()
+    if not _MEMORY.fullmatch(value):
+        raise UsageError(f"{MEMORY_LIMIT_ENV} must be a size such as 256MB or 2GB")
+    return value
+
+
+def _bound_resources(con: duckdb.DuckDBPyConnection, db_path: Path, read_only: bool) -> None:
+    con.execute(f"SET memory_limit = '{memory_limit()}'")
+    con.execute(f"SET threads = {max(1, min(4, os.cpu_count() or 1))}")  # each thread holds buffers
+    if not read_only:
+        spill = (str(db_path.absolute()) + ".tmp").replace("'", "''")
+        con.execute(f"SET temp_directory = '{spill}'")
 
 
 def _table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
