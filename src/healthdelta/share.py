@@ -128,44 +128,71 @@ def _fold_table() -> bytes:
     table = bytearray(range(256))
     for i in range(128):
         c = chr(i)
-        table[i] = ord(c.lower()) if (c.isalnum() or c == "_") else 0x20
+        table[i] = ord(c.lower()) if c.isalnum() else 0x20
     return bytes(table)
 
 
 # References that may stand for letters or digits (not the markup escapes &lt; &gt; ...).
 _ENTITY = re.compile(rb"&(?:#|(?!(?:lt|gt|quot|apos|amp);)[A-Za-z][A-Za-z0-9]*;)")
-# ASCII letters lower-cased, ASCII punctuation and space -> one separator, UTF-8 bytes of
-# other characters kept: text becomes words that `bytes.split` finds at C speed.
+# ASCII letters lower-cased, ASCII punctuation, `_` and space -> one separator, UTF-8 bytes
+# of other characters kept: text becomes words that `bytes.split` finds at C speed.
 _FOLD = _fold_table()
+_APOSTROPHES = str.maketrans({"\u2019": " ", "\u2018": " ", "\u02bc": " ", "\u00b4": " ", "`": " "})
+
+
+def normalise_text(data: bytes) -> bytes:
+    """Case, accents (composed or decomposed) and curly apostrophes do not matter."""
+    if data.isascii():
+        return data
+    text = fold_accents(data.decode("utf-8", "replace").translate(_APOSTROPHES)).casefold()
+    return text.encode("utf-8", "replace")
 
 
 def fold_words(data: bytes) -> list[bytes]:
-    return data.translate(_FOLD).split()
+    return normalise_text(data).translate(_FOLD).split()
+
+
+def _short_form(words: list[bytes]) -> bool:
+    """Initials (`J. D.`) and short numbers occur in any code or markup as free words:
+    they count only where they make up a whole field."""
+    return all(len(w) == 1 for w in words) or (len(words) == 1 and words[0].isdigit() and len(words[0]) < 6)
+
+
+# A whole JSON string, CSV cell or HTML cell: `"J. D."`, `>J.D.<`, `,1234,`.
+_FIELD = rb'(?:(?<=["\'>,\t])|^)\s*%s\s*(?=["\'<,\t]|$)'
 
 
 class IdentifierScan:
     """Finds any known identifier of any person in the store, fast enough for GBs.
 
-    Text is compared as sequences of words (case and punctuation ignored, so
-    "Doe, Jane" also matches "doe-jane"): a chunk becomes its set of words at C
-    speed, a literal is a candidate only when all its words occur, and only
-    candidates are looked for as a word sequence. Known phones are matched by their
-    digits whatever the separators. Stricter than the de-identification scrub on
-    purpose: a bundle is refused rather than risked.
+    Text is compared as sequences of words (case, accents and punctuation ignored, so
+    "Doe, Jane" also matches "doe-jane" and "D’Angelo" matches "d'angelo" and "DAngelo"):
+    a chunk becomes its set of words at C speed, a literal is a candidate only when all
+    its words occur, and only candidates are looked for as a word sequence. Initials and
+    short numbers count only as a whole field. Known phones are matched by their digits
+    whatever the separators. Stricter than the de-identification scrub on purpose: a
+    bundle is refused rather than risked.
     """
 
     def __init__(self, people: Sequence[PersonPII]) -> None:
         from healthdelta.deid import birth_date_forms, name_forms, phone_pattern
 
         kinds: dict[bytes, str] = {}
+        fields: dict[bytes, str] = {}
 
         def add(text: str, kind: str, minimum: int = 3) -> None:
             text = text.strip()
-            if len(text) >= minimum:
-                for form in (text, fold_accents(text)):
-                    words = fold_words(form.encode("utf-8"))
-                    if words:
-                        kinds.setdefault(b" ".join(words), kind)
+            if len(text) < minimum and not (kind == "name" and len(text) >= 2):
+                return
+            forms = {text, text.replace("'", "").replace("\u2019", "")}
+            for form in forms:
+                words = fold_words(form.encode("utf-8"))
+                if not words:
+                    continue
+                if _short_form(words):
+                    fields.setdefault(rb"[\s.]*".join(re.escape(w) for w in words) + rb"\.?", kind)
+                else:
+                    kinds.setdefault(b" ".join(words), kind)
 
         phones: list[tuple[bytes, re.Pattern[str]]] = []
         for p in people:
@@ -194,6 +221,8 @@ class IdentifierScan:
                     if a.get(key):
                         add(str(a[key]), "address", 4)
         self._literals = [(seq, frozenset(seq.split()), kind) for seq, kind in sorted(kinds.items())]
+        self._fields = [(re.compile(_FIELD % body, re.IGNORECASE | re.MULTILINE), kind)
+                        for body, kind in sorted(fields.items())]
         self._phones = phones
 
     def find(self, text: str | bytes) -> str | None:
@@ -216,13 +245,22 @@ class IdentifierScan:
                     joined = b" " + b" ".join(parts) + b" "
                 if b" " + seq + b" " in joined:
                     return kind
+        if self._fields:
+            normal = normalise_text(data)
+            for pattern, kind in self._fields:
+                if pattern.search(normal):
+                    return kind
         for last4, pattern in self._phones:
             if last4 in data and pattern.search(data.decode("utf-8", "replace")):
                 return "phone"
         return None
 
     def scan_file(self, path: Path) -> tuple[str | None, str, int]:
-        """(kind of the first hit or None, sha256, size): one read of the file."""
+        """(kind of the first hit or None, sha256, size): one read of the file. The vendor
+        scripts of a report are checked by hash, not scanned (see `without_vendor_code`)."""
+        if path.suffix == ".html":
+            data = path.read_bytes()
+            return self.find(without_vendor_code(data)), hashlib.sha256(data).hexdigest(), len(data)
         digest = hashlib.sha256()
         size = 0
         carry = b""
@@ -236,6 +274,29 @@ class IdentifierScan:
                     hit = self.find(data)
                     carry = data[-_OVERLAP:]
         return hit, digest.hexdigest(), size
+
+
+_SCRIPT = re.compile(rb"(<script[^>]*>)(.*?)(</script>)", re.DOTALL | re.IGNORECASE)
+
+
+def vendor_script_hashes() -> frozenset[str]:
+    """sha256 of the vendor code a report may inline: the plotly.js the installed plotly
+    package ships (the report inlines exactly that copy)."""
+    from healthdelta.charts import plotly_js
+
+    return frozenset({hashlib.sha256(plotly_js().encode("utf-8")).hexdigest()})
+
+
+def without_vendor_code(html_bytes: bytes) -> bytes:
+    """The report with every inline script whose bytes are a known vendor copy removed:
+    minified code holds every pair of letters, and it is not the person's data. Any
+    other script (the figures' data) stays and is scanned."""
+    pinned = vendor_script_hashes()
+
+    def strip(m: re.Match[bytes]) -> bytes:
+        return m.group(1) + m.group(3) if hashlib.sha256(m.group(2)).hexdigest() in pinned else m.group(0)
+
+    return _SCRIPT.sub(strip, html_bytes)
 
 
 _JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
