@@ -70,9 +70,38 @@ def person_offset_days(secret: bytes, person_id: str) -> int:
     return -7 * (1 + int(mac(secret, "date-shift", person_id)[:8], 16) % 104)
 
 
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
+           "September", "October", "November", "December")
+_MONTHS_DE = ("Januar", "Februar", "März", "April", "Mai", "Juni", "Juli", "August",
+              "September", "Oktober", "November", "Dezember")
+_MONTHS_FR = ("janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août",
+              "septembre", "octobre", "novembre", "décembre")
+_TIMESTAMP = (r"(?<![\d-])(?P<tday>\d{4}-\d{2}-\d{2})(?P<tsep>[ T])(?P<thh>\d{2}):(?P<tmm>\d{2})"
+              r"(?::(?P<tss>\d{2})(?P<tfrac>\.\d+)?)?(?P<tspace>\s?)(?P<tzone>Z|[+-]\d{2}:?\d{2})(?![\d:])")
+_APPLE_TIME = re.compile(rb"(\d{4}-\d{2}-\d{2}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})\Z").match
+_MONTH_NUMBER = {name.casefold(): i + 1 for names in (_MONTHS, _MONTHS_DE, _MONTHS_FR)
+                 for i, name in enumerate(names)}
+_MONTH_NUMBER.update({name[:3]: n for name, n in list(_MONTH_NUMBER.items())})
+_MONTH_RE = "|".join(sorted((re.escape(m) for m in _MONTH_NUMBER), key=lambda m: (-len(m), m)))
+# Dates as people write them, for --date-shift: month names (English, German, French),
+# d.m.yyyy, m/d/yyyy or d/m/yyyy, and compact yyyymmdd.
+_TEXT_DATE = re.compile(
+    rf"(?<!\w)(?P<mname>{_MONTH_RE})\.?\s+(?P<md>\d{{1,2}})(?:st|nd|rd|th)?,?\s+(?P<my>\d{{4}})(?!\d)"
+    rf"|(?<![\w.])(?P<dd>\d{{1,2}})(?:st|nd|rd|th|er)?\.?[\s-]+(?P<dname>{_MONTH_RE})\.?[\s-]+(?P<dy>\d{{4}})(?!\d)"
+    r"|(?<![\w.])(?P<ed>\d{1,2})\.(?P<em>\d{1,2})\.(?P<ey>\d{4})(?![\d.])"
+    r"|(?<![\w/])(?P<sa>\d{1,2})/(?P<sb>\d{1,2})/(?P<sy>\d{4})(?![\d/])"
+    r"|(?<![\w.+-])(?P<cy>(?:19|20)\d{2})(?P<cm>0[1-9]|1[0-2])(?P<cd>[0-3]\d)(?![\w.])",
+    re.IGNORECASE)
+_ANY_DATE = re.compile(f"(?P<ts>{_TIMESTAMP})|(?P<iso>{_ISO_DATE.pattern})|{_TEXT_DATE.pattern}", re.IGNORECASE)
+
+
 class DateShift:
     """Moves dates by a fixed number of days; cached, because a few thousand distinct
-    days make up every timestamp of an export."""
+    days make up every timestamp of an export.
+
+    Timestamps with a UTC offset are written in UTC once shifted: an offset that
+    changes on the real daylight-saving day, next to shifted dates, would give the
+    shift away."""
 
     def __init__(self, days: int) -> None:
         self.days = days
@@ -90,11 +119,70 @@ class DateShift:
                 self._cache[iso] = found
         return found
 
+    def utc_day(self, iso: str, minutes: int) -> tuple[str, int]:
+        """(shifted day, minutes after midnight) of a local time `minutes` after `iso`'s
+        midnight, which may fall on the day before or after in UTC."""
+        carry, minutes = divmod(minutes, 1440)
+        day = self.day(iso)
+        if carry and day != iso:
+            day = (date.fromisoformat(day) + timedelta(days=carry)).isoformat()
+        return day, minutes
+
+    def _timestamp(self, m: re.Match[str]) -> str:
+        day, sep, hh, mm, ss, frac, space, zone = m.group("tday", "tsep", "thh", "tmm", "tss", "tfrac", "tspace",
+                                                           "tzone")
+        offset = 0
+        if zone != "Z":
+            digits = zone[1:].replace(":", "")
+            offset = (int(digits[:2]) * 60 + int(digits[2:])) * (1 if zone[0] == "+" else -1)
+        shifted, minutes = self.utc_day(day, int(hh) * 60 + int(mm) - offset)
+        if shifted == day and day != self.day(day):  # not a real date
+            return m.group(0)
+        clock = f"{minutes // 60:02d}:{minutes % 60:02d}" + (f":{ss}{frac or ''}" if ss else "")
+        return f"{shifted}{sep}{clock}{space}{'Z' if zone == 'Z' or ':' in zone else '+0000'}"
+
+    def _any_date(self, m: re.Match[str]) -> str:
+        g = m.groupdict()
+        if g["ts"]:
+            return self._timestamp(m)
+        if g["iso"]:
+            return self.day(g["iso"])
+        if g["mname"]:
+            month, day, year = _MONTH_NUMBER.get(g["mname"].casefold()), g["md"], g["my"]
+        elif g["dname"]:
+            month, day, year = _MONTH_NUMBER.get(g["dname"].casefold()), g["dd"], g["dy"]
+        elif g["ed"]:
+            month, day, year = int(g["em"]), g["ed"], g["ey"]
+        elif g["sa"]:
+            a, b = int(g["sa"]), int(g["sb"])
+            if a <= 12 and b <= 12 and a != b:
+                return "[DATE]"  # 03/02/2024: March or February, no way to shift it right
+            month, day, year = (a, b, g["sy"]) if a <= 12 else (b, a, g["sy"])
+        else:
+            month, day, year = int(g["cm"]), g["cd"], g["cy"]
+        try:
+            iso = date(int(year), int(month or 0), int(day)).isoformat()
+        except ValueError:
+            return m.group(0)
+        return self.day(iso)
+
     def text(self, text: str) -> str:
-        """Every ISO date inside a string (timestamps keep their time and offset)."""
-        if self.days == 0 or "-" not in text:
+        """Every date inside a string, in every form: ISO dates and timestamps (in UTC),
+        month names, d.m.yyyy, m/d/yyyy and yyyymmdd (written back as ISO dates)."""
+        if self.days == 0 or not any(c.isdigit() for c in text):
             return text
-        return _ISO_DATE.sub(lambda m: self.day(m.group(0)), text)
+        return _ANY_DATE.sub(self._any_date, text)
+
+    def apple(self, value: bytes) -> bytes:
+        """export.xml's `2020-03-02 07:41:09 -0800`, shifted and in UTC, without a regex
+        search (every sample has three of them)."""
+        m = _APPLE_TIME(value) if self.days else None
+        if m is None:
+            return self.text(value.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
+        day, hh, mm, ss, sign, oh, om = m.groups()
+        offset = (int(oh) * 60 + int(om)) * (1 if sign == b"+" else -1)
+        shifted, minutes = self.utc_day(day.decode("ascii"), int(hh) * 60 + int(mm) - offset)
+        return f"{shifted} {minutes // 60:02d}:{minutes % 60:02d}:".encode("ascii") + ss + b" +0000"
 
     def fhir(self, value: str) -> str:
         """A FHIR date/dateTime/instant; `YYYY-MM` keeps month precision, a bare year stays."""
@@ -106,10 +194,18 @@ class DateShift:
         return self.text(value)
 
     def cda(self, value: str) -> str:
-        """CDA TS `YYYYMMDD[HHMMSS][+ZZZZ]`; year or month precision is kept as is."""
+        """CDA TS `YYYYMMDD[HHMM[SS]][+ZZZZ]` (in UTC when it has an offset); year or month
+        precision is kept as is."""
         if self.days == 0 or len(value) < 8 or not value[:8].isdigit():
             return value
-        shifted = self.day(f"{value[:4]}-{value[4:6]}-{value[6:8]}")
+        iso = f"{value[:4]}-{value[4:6]}-{value[6:8]}"
+        m = re.fullmatch(r"(\d{2})(\d{2})(\d{2})?(\.\d+)?([+-])(\d{2})(\d{2})", value[8:])
+        if m:
+            hh, mm, ss, frac, sign, oh, om = m.groups()
+            offset = (int(oh) * 60 + int(om)) * (1 if sign == "+" else -1)
+            day, minutes = self.utc_day(iso, int(hh) * 60 + int(mm) - offset)
+            return f"{day.replace('-', '')}{minutes // 60:02d}{minutes % 60:02d}{ss or ''}{frac or ''}+0000"
+        shifted = self.day(iso)
         return shifted.replace("-", "") + value[8:] if shifted[:4].isdigit() else value
 
 
@@ -126,12 +222,6 @@ def birth_year(value: str | None) -> str | None:
 
 # --------------------------------------------------------------------------- pure: scrubbing
 
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
-           "September", "October", "November", "December")
-_MONTHS_DE = ("Januar", "Februar", "März", "April", "Mai", "Juni", "Juli", "August",
-              "September", "Oktober", "November", "Dezember")
-_MONTHS_FR = ("janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août",
-              "septembre", "octobre", "novembre", "décembre")
 _DAY_SUFFIX = r"(?:st|nd|rd|th|er)?"
 _DATE_WORDS = r"(?:\d{4}-\d{1,2}-\d{1,2}|\d{1,2}[./-]\d{1,2}[./-]\d{2,4}|\d{8}|" \
               rf"(?:[^\W\d_]+\.?\s+\d{{1,2}}{_DAY_SUFFIX},?\s+\d{{4}})|" \
@@ -652,7 +742,6 @@ class ExportXmlRewriter:
         self.text = _Bytes(lambda s: shift.text(sc.text(s)))
         self.date = self._shift_date if shift.days else None
         self._shift = shift
-        self._days: dict[bytes, bytes] = {}
         self.birth = _Bytes(lambda s: birth_year(s) or "")
         self.record_id = _Bytes(lambda s: pseudonym(ctx.secret, "fhir-id", s))
         self.url = _Bytes(lambda s: "[URL]" if s else s)
@@ -690,16 +779,8 @@ class ExportXmlRewriter:
         return lambda p, i: self.text(p[i])
 
     def _shift_date(self, v: bytes) -> bytes:
-        """Apple's `2020-03-02 07:41:09 -0800` (or a bare date): only the day changes."""
-        day = v[:10]
-        found = self._days.get(day)
-        if found is None:
-            text = day.decode("ascii", "replace")
-            found = self._shift.day(text).encode("ascii") if _ISO_DATE.fullmatch(text) else None
-            if found is None:
-                return self._shift.text(v.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
-            self._days[day] = found
-        return found + v[10:]
+        """Apple's `2020-03-02 07:41:09 -0800`: shifted, in UTC; a bare date: shifted."""
+        return self._shift.apple(v)
 
     def _record_value(self, pieces: list[bytes], i: int) -> bytes:
         v = pieces[i]
@@ -1636,6 +1717,7 @@ def deidentify_run(
     if any(dest.iterdir()):
         raise UsageError("the de-identification output directory must be empty")
     ctx = build_context(identity_dir, run_dir, run_id, date_shift=date_shift)
+    check_share_settings(identity_dir, date_shift=date_shift)
 
     total = sum(_size(run_dir / p) for p in _layout_paths(layout))
     new_layout: dict[str, Any] = {k: ([] if isinstance(v, list) else v) for k, v in layout.items()}
@@ -1744,6 +1826,29 @@ def deidentify_run(
     atomic_write_json(dest / "deid_report.json", {"schema_version": SCHEMA_VERSION, "run_id": run_id,
                                                   "mode": "share", **result.as_report()})
     return result
+
+
+SETTINGS_FILE = "share_settings.json"
+
+
+def check_share_settings(identity_dir: Path, *, date_shift: bool) -> None:
+    """One output directory holds shifted or unshifted share runs, never both: the
+    `removed/` rows of one run (real dates) next to the `added/` rows of the other
+    (shifted dates) would give the shift away. The first share run decides."""
+    from healthdelta.fsutil import atomic_write_json
+
+    path = identity_dir / SETTINGS_FILE
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        atomic_write_json(path, {"date_shift": date_shift, "schema_version": SCHEMA_VERSION})
+        return
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError("the identity store's share settings are damaged") from None
+    if settings.get("date_shift") != date_shift:
+        made = "with" if settings.get("date_shift") else "without"
+        raise UsageError(f"the share runs of this output directory were made {made} --date-shift; "
+                         "mixing shifted and unshifted runs would reveal the shift (use a new --out)")
 
 
 def _layout_paths(layout: dict[str, Any]) -> list[str]:
