@@ -190,7 +190,7 @@ class IdentifierScan:
                 if not words:
                     continue
                 if _short_form(words):
-                    fields.setdefault(rb"[\s.]*".join(re.escape(w) for w in words) + rb"\.?", kind)
+                    fields.setdefault(rb"[\s.]+".join(re.escape(w) for w in words) + rb"\.?", kind)
                 else:
                     kinds.setdefault(b" ".join(words), kind)
 
