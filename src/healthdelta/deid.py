@@ -242,7 +242,7 @@ _PATTERNS = {
               r"|(?<!\w)[^\W\d_]{2,}(?:stra(?:ss|ß)e|str\.|weg|gasse|platz|allee|laan|straat|vej|gatan)\s+\d+[a-z]?\b"
               r"|(?i:(?<!\w)\d{1,4},?\s+(?:rue|avenue|boulevard|chemin|calle|via|viale|piazza)\s+[^\W\d_]+)",
     "email_spelled": r"(?i:(?<!\w)[\w.+-]+\s*[\[(]?\s*at\s*[\])]?\s*[\w-]+\s*[\[(]?\s*dot\s*[\])]?\s*[a-z]{2,6}\b)",
-    "ip": r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])",
+    "ip": r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])",
     "mac": r"(?<![\w:-])(?:[0-9A-Fa-f]{2}[:-]){5}[0-9A-Fa-f]{2}(?![\w:-])",
     "acct": r"(?i:\b(?:acct|account|policy|member|subscriber|group|insurance|licen[cs]e|DL|passport|certificate)"
             r"\.?\s*(?:no\.?|number|num|#|id)?\s*[:#]?\s*)(?-i:[A-Z0-9][A-Z0-9-]{3,})",

@@ -77,6 +77,12 @@ def fold_accents(text: str) -> str:
     return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
 
 
+def fold_for_match(text: str) -> str:
+    """`D’Ángelo` -> `d'angelo`: case, accents (composed or not) and apostrophe styles do not
+    matter; for matching a value a person typed against stored text."""
+    return fold_accents(text.translate(_APOSTROPHES)).casefold()
+
+
 def normalise_name(text: str) -> str:
     """One comparable form of a person's name; idempotent.
 
