@@ -78,6 +78,7 @@ def pipeline_run(ctx, **flags):
         click.echo(f"ndjson_dir={result.ndjson_dir}")
     if result.deid_dir:
         click.echo(f"deid_dir={result.deid_dir}")
+        _share_notice(ctx, result.run_id)
 
 
 def _print_notices(ctx, result) -> None:
@@ -113,6 +114,15 @@ def run_all_cmd(ctx, **flags):
     click.echo(f"run_id={result.run_id}")
     for name, rel in sorted(result.artifacts.items()):
         click.echo(f"{name}={rel}")
+    if flags["mode"] == "share" and result.status != "no_changes":
+        _share_notice(ctx, result.run_id)
+
+
+def _share_notice(ctx, run_id: str) -> None:
+    """Share mode's output tree is not the thing to send: it holds the raw export and the keys."""
+    notice(ctx, "notice: nothing under --out is meant to be sent as it is (staging/ holds the raw export, "
+                "state/ the identity store and its secret); the one file that may leave this machine is the "
+                f"bundle: healthdelta share bundle --run {run_id[:12]} --out share.tar.gz")
 
 
 @run_group.command("register")
