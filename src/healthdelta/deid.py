@@ -4,25 +4,38 @@
 staged run (`layout.json`, `manifest.json`, `source/...`), so the unchanged NDJSON
 export (`export.export_run`) reads it and produces share-mode NDJSON.
 
-What is removed or replaced (HIPAA Safe Harbor identifiers), and where:
+What is removed or replaced (HIPAA Safe Harbor identifiers), and where (each class is
+planted by tests/leak_corpus.py and checked end to end by tests/test_share_leaks.py):
 
 * names, in any order and form (initials, possessives such as "Jane’s Apple Watch",
-  "Janes iPhone", "iPhone de Jean"): people of the identity store become their share
-  label `Patient N`; other names in person fields become `[NAME]`;
-* birth dates: the `Me` birth date and every FHIR/CDA birth date keep their year only;
-  ECG header birth dates are emptied; known birth dates in free text become `[DATE]`;
-* MRNs and every FHIR/CDA identifier value become `[REDACTED]`; FHIR resource ids and
-  references are replaced by keyed pseudonyms (consistent across files and runs);
-* addresses keep state and country only; phone, fax, e-mail, URLs and other telecom
-  are removed; device serials, UDIs and Bluetooth `localIdentifier`s are dropped from
-  device strings and metadata;
-* free text (FHIR notes, narratives, text attachments, CDA text, metadata values,
-  unknown attributes) is scrubbed for every known identifier of every person in the
-  store, plus patterns (e-mail, URL, phone, SSN, labelled MRN / DOB, street address);
-* GPS tracks are dropped, or coarsened to 0.01° (~1 km) with `keep_routes="coarse"`;
-* with `date_shift=True` every date and time of one person moves by one whole number
-  of weeks (so intervals, weekdays and times of day are exact), derived from the
-  per-state secret and the person; birth years are kept, not shifted.
+  "Janes iPhone", "iPhone d’Élodie", "Jane_iPhone", any apostrophe or none, decomposed
+  accents): people of the identity store become their share label `Patient N`; other
+  people in person fields (relatives, subscribers, note authors) become `[NAME]`;
+* birth dates keep their year only wherever they stand (`Me`, FHIR/CDA birth dates, values
+  equal to a known birth date, CDA `TS` values); ECG header birth dates are emptied; known
+  birth dates in free text, in any written form, become `[DATE]`; ages over 89 and the birth
+  years that make them are aggregated (Safe Harbor's 90+);
+* MRNs and every identifier (FHIR/CDA identifiers, UDIs, serial, lot, subscriber, accession,
+  requisition numbers) become `[REDACTED]`, known ones also with other separators or as bare
+  digits; FHIR resource ids, references and CDA anchors become keyed pseudonyms (consistent
+  across files and runs); file names other than Apple's own shapes become pseudonyms;
+* addresses keep state and country only; phone, fax, e-mail, URLs (other than code-system
+  canonicals) and other telecom are removed; device serials, UDIs, signatures and Bluetooth
+  `localIdentifier`s are dropped from device strings and metadata (the key strings exports
+  write, `HKDeviceSerialNumber`, and HealthKit's constant names); time zone names are dropped;
+* free text (FHIR notes, narratives read as a browser shows them, text attachments and
+  `Binary` content, CDA text and B64 content, metadata values even when numeric or holding a
+  newline, unknown attributes) is scrubbed for every known identifier of every person in the
+  store, plus patterns (e-mail, URL, phone of any country, SSN, IP and MAC, labelled MRN / DOB
+  / account / policy / licence / serial numbers, record numbers, street address, PO box);
+  binary content that cannot be read is dropped;
+* GPS tracks (GPX files and the inline `<Location>` points of old exports) are dropped, or with
+  `keep_routes="coarse"` reduced to one point per 0.01° cell (~1 km) and hour, without speed,
+  course, elevation or accuracy;
+* with `date_shift=True` every date and time of one person, in every written form, moves by
+  one whole number of weeks (intervals and weekdays stay exact), derived from the per-state
+  secret and the person; timestamps are written in UTC; birth years are kept, not shifted;
+  one identity store never mixes shifted and unshifted share runs.
 
 Everything is streamed: `export.xml` line by line in large blocks with a cached
 rewrite per line shape (Apple writes one element per line), the CDA and GPX with
@@ -256,10 +269,10 @@ _PATTERNS = {
     "ip": r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])",
     "mac": r"(?<![\w:-])(?:[0-9A-Fa-f]{2}[:-]){5}[0-9A-Fa-f]{2}(?![\w:-])",
     "acct": r"(?i:\b(?:acct|account|policy|member|subscriber|group|insurance|licen[cs]e|DL|passport|certificate)"
-            r"\.?\s*(?:no\.?|number|num|#|id)?\s*[:#]?\s*)(?-i:[A-Z0-9][A-Z0-9-]{3,})",
+            r"\.?\s*(?:no\.?|number|num|#|id)?\s*[:#]?\s*)(?-i:(?=[A-Z-]*\d)[A-Z0-9][A-Z0-9-]{3,})",
     "age": r"(?i:\b(?:age[d:]?\s*:?\s*)(?:9\d|1[0-4]\d)(?:\s*(?:years?|yrs?|y/?o)(?:\s+old)?)?"
            r"|\b(?:9\d|1[0-4]\d)[\s-]*(?:years?|yrs?)[\s-]*(?:old|of\s+age)\b)",
-    "serial": r"(?i:\b(?:serial(?:\s*(?:no\.?|number|#))?|S/N|SN)\s*[:#]?\s*)[A-Z0-9][A-Z0-9-]{4,}",
+    "serial": r"(?i:\b(?:serial(?:\s*(?:no\.?|number|#))?|S/N|SN)\s*[:#]?\s*)(?=[A-Za-z-]*\d)[A-Za-z0-9][\w-]{4,}",
     # Unlabelled record numbers: upper-case letters and digits, 8 or more, at least 3 digits
     # (account, policy, licence, lot, accession numbers); codes of the standard
     # terminologies are shorter or lower-case.
@@ -444,10 +457,13 @@ def identifier_regex(value: str) -> str | None:
     return _LETTER_BEFORE + r"[\s./-]?".join(re.escape(c) for c in chars) + _LETTER_AFTER
 
 
+_INTERNATIONAL = re.compile(r"\+\d[\d\s().-]{6,}\d")
+
+
 def international_phones(text: str) -> list[tuple[int, int]]:
     """Spans of phone numbers written with a country code (`+44 20 7946 0958`), by the
     `phonenumbers` library's rules for every country; national forms are the patterns' job."""
-    if "+" not in text:
+    if "+" not in text or not _INTERNATIONAL.search(text):
         return []
     import phonenumbers
 
@@ -981,8 +997,9 @@ def stream_xml(src: Path, dst: BinaryIO, *, containers: Callable[[str, str | Non
 
     Elements for which `containers(local, parent_local)` holds are written as open/close
     tags around their children; every other child of a container is a unit: transformed
-    in place by `unit`, serialised whole and freed. Memory is bounded by the largest unit.
-    Comments and processing instructions are dropped, text directly inside a container
+    in place by `unit` (dropped when it returns False), serialised whole and freed.
+    Memory is bounded by the largest unit. Comments and processing instructions are
+    dropped, text directly inside a container
     (whitespace in practice) is not copied. Namespace declarations already in scope are
     not repeated on every unit.
     """
@@ -1307,12 +1324,13 @@ _FHIR_ID_OBJECTS = frozenset({"accessionIdentifier", "groupIdentifier", "requisi
                               "identifier", "valueIdentifier"})
 _FHIR_ID_STRINGS = frozenset({"serialNumber", "lotNumber", "distinctIdentifier", "subscriberId", "deviceIdentifier",
                               "carrierHRF", "carrierAIDC", "issuer", "jurisdiction", "udi", "modelNumber"})
-_FHIR_DROP = frozenset({"udiCarrier", "udi"})
 # Free-text names of other people.
 _FHIR_NAME_STRINGS = frozenset({"authorString", "performerString", "sourceString", "requesterString"})
 _FHIR_PEOPLE_DISPLAY = frozenset({"subscriber", "policyHolder", "payor", "beneficiary"})
 # Canonical URLs of code systems and profiles name no one; any other URL may (a portal,
 # a query with a name and a birth date).
+_CANONICAL_PATH = re.compile(r"^https?://[^?#\s]+/(?:StructureDefinition|CodeSystem|ValueSet|NamingSystem|sid)/"
+                             r"[^?#\s]*$", re.IGNORECASE)
 _CANONICAL_HOSTS = re.compile(r"^(?:https?://)?(?:[\w-]+\.)*(?:hl7\.org|fhir\.org|loinc\.org|snomed\.info|"
                               r"unitsofmeasure\.org|nlm\.nih\.gov|cdc\.gov|who\.int|ama-assn\.org|"
                               r"apple\.com|fhir\.apple\.com|nucc\.org|ietf\.org|w3\.org)(?:/[^?#]*)?$",
@@ -1513,8 +1531,8 @@ class FhirRewriter(_FileRewriter):
                 self.ctx.counts["fhir_birth_date_values"] += 1
                 return value[:4]
             return shift.fhir(value)
-        if key in ("url", "fullUrl", "source") and not _CANONICAL_HOSTS.match(value) and (
-                "/" in value or "?" in value):
+        if key in ("url", "fullUrl", "source") and ("/" in value or "?" in value) and not (
+                _CANONICAL_HOSTS.match(value) or _CANONICAL_PATH.match(value)):
             self.ctx.counts["fhir_urls"] += 1
             return self.reference(value) if key == "fullUrl" else "[URL]"
         if key in _CODE_KEYS:
@@ -1573,7 +1591,7 @@ class FhirRewriter(_FileRewriter):
 # --------------------------------------------------------------------------- ECG CSV
 
 _ECG_NAME_LABELS = frozenset({"name", "nom", "nombre", "nome", "naam"})
-_ECG_BIRTH_LABELS = frozenset({"date of birth", "geburtsdatum", "date de naissance", "fecha de nacimiento",
+_ECG_BIRTH_LABELS = frozenset({"date of birth", "dob", "d.o.b.", "d.o.b", "birth date", "birthdate", "born", "geburtsdatum", "date de naissance", "fecha de nacimiento",
                                "data di nascita", "geboortedatum"})
 _ECG_RECORDED_LABELS = frozenset({"recorded date", "aufzeichnungsdatum", "aufnahmedatum", "date d'enregistrement",
                                   "date de l'enregistrement", "fecha de registro", "fecha de grabacion",

@@ -18,7 +18,12 @@ same artifacts gives the same bytes.
 
 Before anything is written every member is scanned for the identity store's
 known identifiers (all name forms, birth dates in several formats, MRNs and other
-identifiers, phones, e-mails, addresses); one hit refuses the whole bundle.
+identifiers, phones, e-mails, addresses); one hit refuses the whole bundle, naming the
+member and the kind of identifier, never the value. What is scanned is what was made
+from the person's data: the plotly.js a report inlines is vendor code, skipped when its
+sha256 is that of the copy the installed plotly package ships (a changed copy is
+scanned like anything else); initials and short numbers, which any code or markup holds
+as free words, count only as a whole field.
 """
 
 from __future__ import annotations
