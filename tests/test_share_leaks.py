@@ -15,7 +15,7 @@ import pytest
 
 import leak_corpus as corpus
 from conftest import SHARED_FIXTURE, Cli, assert_one_error_line, kv
-from healthdelta import share, synth
+from healthdelta import demo, share, synth
 
 pytestmark = pytest.mark.slow
 
@@ -144,13 +144,17 @@ def test_mixing_shifted_and_unshifted_runs_is_refused(runs, tmp_path):
 
 @pytest.mark.parametrize("source", ["demo", "apple-sample"])
 def test_bundle_builds_and_verifies_for_ordinary_exports(source, tmp_path):
+    """The demo's two generated exports (its seed and sizes) and Apple's sample, in share mode."""
     if source == "demo":
-        export_root = synth.generate_export(tmp_path / "in", seed=11, records=800, people=1).root
+        first = synth.generate_export(tmp_path / "in-1", seed=demo.DEMO_SEED, records=demo.DEMO_RECORDS, people=2)
+        second = synth.generate_export(tmp_path / "in-2", base=first, new_records=demo.DEMO_NEW_RECORDS)
+        exports = [first.root, second.root]
     else:
-        export_root = SHARED_FIXTURE / "export.zip"
+        exports = [SHARED_FIXTURE / "export.zip"]
     cli = Cli(tmp_path)
-    run = cli("run", "all", "--input", str(export_root), "--out", str(tmp_path / "data"), "--mode", "share",
-              check=True)
+    for export_root in exports:
+        run = cli("run", "all", "--input", str(export_root), "--out", str(tmp_path / "data"), "--mode", "share",
+                  check=True)
     run_id = kv(run.stdout)["run_id"]
     bundle = cli("share", "bundle", "--run", run_id, "--out", str(tmp_path / "b.tar.gz"), "--out-dir",
                  str(tmp_path / "data"))

@@ -158,13 +158,15 @@ def fold_words(data: bytes) -> list[bytes]:
 
 
 def _short_form(words: list[bytes]) -> bool:
-    """Initials (`J. D.`) and short numbers occur in any code or markup as free words:
-    they count only where they make up a whole field."""
-    return all(len(w) == 1 for w in words) or (len(words) == 1 and words[0].isdigit() and len(words[0]) < 6)
+    """Initials (`J. D.`), two-letter names (`Li`, also the `<li>` of any page) and short
+    numbers occur in any code or markup as free words: they count only where they make up
+    a whole field."""
+    return all(len(w) <= 2 for w in words) or (len(words) == 1 and words[0].isdigit() and len(words[0]) < 6)
 
 
-# A whole JSON string, CSV cell or HTML cell: `"J. D."`, `>J.D.<`, `,1234,`.
-_FIELD = rb'(?:(?<=["\'>,\t])|^)\s*%s\s*(?=["\'<,\t]|$)'
+# A whole JSON string or HTML element text: `"J. D."`, `>J.D.<`, `"1234"` (not a number in a
+# list of numbers: a chart's series holds any short number).
+_FIELD = rb'(?<=["\'>])\s*%s\s*(?=["\'<])'
 
 
 class IdentifierScan:
@@ -226,7 +228,7 @@ class IdentifierScan:
                     if a.get(key):
                         add(str(a[key]), "address", 4)
         self._literals = [(seq, frozenset(seq.split()), kind) for seq, kind in sorted(kinds.items())]
-        self._fields = [(re.compile(_FIELD % body, re.IGNORECASE | re.MULTILINE), kind)
+        self._fields = [(re.compile(_FIELD % body, re.IGNORECASE), kind)
                         for body, kind in sorted(fields.items())]
         self._phones = phones
 
