@@ -25,7 +25,7 @@ PLANTED: dict[str, tuple[str, ...]] = {
     "03_metadata_keys": ("SN77Z1Q9", "00844588003288", "10987654D321", "E1E2E3E4-AAAA-4BBB-8CCC-DDDDEEEEFFFF",
                          "MEUCIQDsig1234"),
     "04_device_serials": (SERIAL,),
-    "05_old_routes": ("45.528788", "-122.660397"),
+    "05_old_routes": ("45.528788", "-122.660397", "45.528784", "-122.660411"),
     "06_file_names": ("Ingrid D'Angelo 1994-05-05 labs",),
     "07_fhir_birth_date_values": (),  # the birth date itself is in 18_free_text
     "08_narrative_entities": ("Ingrid", "D'Angelo", "ingrid.dangelo@example.org"),
@@ -47,7 +47,8 @@ PLANTED: dict[str, tuple[str, ...]] = {
 }
 
 # Real dates that must not survive --date-shift (narratives, notes, CDA text and TS values).
-REAL_DATES = ("2024-03-02", "March 2, 2024", "02.03.2024", "20240302", "America/Los_Angeles")
+REAL_DATES = ("2024-03-02", "March 2, 2024", "02.03.2024", "20240302", "2024-03-15", "20240315",
+              "America/Los_Angeles")
 
 
 def _b64(text: str) -> str:
@@ -107,7 +108,7 @@ SSN 987-65-4321"/>
   <WorkoutRoute sourceName="{owner_device}" sourceVersion="10.1" creationDate="2024-03-02 08:25:29 -0800" startDate="2024-03-02 07:30:23 -0800" endDate="2024-03-02 08:00:23 -0800">
    <Location date="2024-03-02 07:30:23 -0800" latitude="45.528788" longitude="-122.660397" altitude="22.778777" horizontalAccuracy="5.4" verticalAccuracy="3.4" course="247.016155" speed="1.332374"/>
    <FileReference path="/workout-routes/route_2024-03-02_7.30am.gpx"/>
-  </WorkoutRoute>
+   <Location date="2024-03-02 07:30:24 -0800" latitude="45.528784" longitude="-122.660411" altitude="22.977493" course="246.289895" speed="1.214840"/></WorkoutRoute>
  </Workout>
 {clinical}</HealthData>
 """
@@ -159,6 +160,11 @@ CDA = f"""<?xml version="1.0"?>
    </patient>
   </patientRole>
  </recordTarget>
+ <informant>
+  <relatedEntity classCode="PRS">
+   <relatedPerson><name><given>Thaddeus</given><family>Okafor</family></name><birthTime value="19310601"/></relatedPerson>
+  </relatedEntity>
+ </informant>
  <component>
   <structuredBody>
    <component>

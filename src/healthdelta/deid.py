@@ -236,12 +236,15 @@ class DateShift:
 NO_SHIFT = DateShift(0)
 
 
-def birth_year(value: str | None) -> str | None:
-    """Safe Harbor keeps the year of a birth date only."""
+def birth_year(value: str | None, reference_year: int | None = None) -> str | None:
+    """Safe Harbor keeps the year of a birth date only, and not even that when it makes
+    someone older than 89 by `reference_year` (the export's year)."""
     if not value:
         return value
     m = re.match(r"\s*(\d{4})", value)
-    return m.group(1) if m else None
+    if m is None or (reference_year is not None and reference_year - int(m.group(1)) > 89):
+        return None
+    return m.group(1)
 
 
 # --------------------------------------------------------------------------- pure: scrubbing
@@ -711,9 +714,16 @@ _XML_KEEP = frozenset(
     HKCharacteristicTypeIdentifierBloodType HKCharacteristicTypeIdentifierFitzpatrickSkinType
     HKCharacteristicTypeIdentifierCardioFitnessMedicationsUse HKCharacteristicTypeIdentifierWheelchairUse
     frequencyValue leftEarValue rightEarValue leftEarMasked rightEarMasked leftEarClampingRangeLowerBound
-    leftEarClampingRangeUpperBound rightEarClampingRangeLowerBound rightEarClampingRangeUpperBound
-    latitude longitude altitude horizontalAccuracy verticalAccuracy course speed""".split()
+    leftEarClampingRangeUpperBound rightEarClampingRangeLowerBound rightEarClampingRangeUpperBound""".split()
 )
+# A point of an inline route (normally a `<Location>` line of its own, see `_location`).
+_LOCATION_ATTRS = frozenset(b"latitude longitude altitude horizontalAccuracy verticalAccuracy course speed".split())
+
+
+def _EMPTY(pieces: list[bytes], i: int) -> bytes:
+    return b""
+
+
 _XML_DATES = frozenset(b"creationDate startDate endDate date receivedDate dateComponents".split())
 # Device and record identifiers: exports write the key strings (`HKDeviceSerialNumber`),
 # HealthKit's headers name the constants (`HKMetadataKeyDeviceSerialNumber`); both are dropped.
@@ -725,7 +735,6 @@ _META_DROP = frozenset(
 )
 # Time zone names tell where a person lives and, next to shifted dates, the shift itself.
 _META_ZONE = frozenset({"HKTimeZone", "HKMetadataKeyTimeZone"})
-_LOCATION_KEEP = (b"date", b"latitude", b"longitude")
 _MAX_LOGICAL_LINE = 1 << 20
 
 
@@ -769,7 +778,7 @@ class ExportXmlRewriter:
         self.text = _Bytes(lambda s: shift.text(sc.text(s)))
         self.date = self._shift_date if shift.days else None
         self._shift = shift
-        self.birth = _Bytes(lambda s: birth_year(s) or "")
+        self.birth = _Bytes(lambda s: birth_year(s, ctx.reference_year) or "")
         self.record_id = _Bytes(lambda s: pseudonym(ctx.secret, "fhir-id", s))
         self.url = _Bytes(lambda s: "[URL]" if s else s)
         self.path = _Bytes(ctx.member_path)
@@ -786,6 +795,8 @@ class ExportXmlRewriter:
             return lambda p, i: self.source_name(p[i])
         if attr == b"device":
             return lambda p, i: self.device(p[i])
+        if tag == b"Location" and attr == b"date":
+            return lambda p, i: self._hour(p[i])
         if attr in _XML_DATES or (tag == b"ExportDate" and attr == b"value"):
             return (lambda p, i: self.date(p[i])) if self.date else None
         if attr == b"HKCharacteristicTypeIdentifierDateOfBirth":
@@ -801,6 +812,8 @@ class ExportXmlRewriter:
             return lambda p, i: self._metadata(p[key_at], p[i])
         if attr == b"value" and tag in (b"Record", b"InstantaneousBeatsPerMinute"):
             return self._record_value
+        if attr in _LOCATION_ATTRS:
+            return self._coordinate if attr in (b"latitude", b"longitude") else _EMPTY
         if attr in _XML_KEEP:
             return None
         return lambda p, i: self.text(p[i])
@@ -843,6 +856,11 @@ class ExportXmlRewriter:
         self._last_location = point
         return point
 
+    def _coordinate(self, pieces: list[bytes], i: int) -> bytes:
+        if self.keep_routes != "coarse":
+            return b""
+        return coarse_coordinate(pieces[i].decode("ascii", "replace")).encode("ascii")
+
     def _hour(self, value: bytes) -> bytes:
         shifted = self.date(value) if self.date else value
         return shifted[:13] + b":00:00" + shifted[19:] if len(shifted) >= 19 else shifted
@@ -879,7 +897,7 @@ class ExportXmlRewriter:
     def line(self, line: bytes) -> bytes:
         if self._in_tag:
             return self._slow(line)
-        if line.lstrip().startswith(b"<Location "):
+        if line.lstrip().startswith(b"<Location ") and line.count(b"<") == 1 and line.rstrip().endswith(b"/>"):
             return self._location(line)
         pieces = line.split(b'"')
         if len(pieces) == 1:
@@ -1194,9 +1212,12 @@ class CdaRewriter(_FileRewriter):
                 self.ctx.counts["cda_names"] += 1
                 continue
             if local == "birthTime":
-                year = birth_year(el.get("value"))
+                year = birth_year(el.get("value"), self.ctx.reference_year)
                 if year:
                     el.set("value", year)
+                elif "value" in el.attrib:  # over 89: not even the year
+                    del el.attrib["value"]
+                    el.set("nullFlavor", "MSK")
                 continue
             for k, v in el.attrib.items():
                 if k in ("ID", "IDREF") or (k == "value" and local == "reference" and v.startswith("#")):
@@ -1337,13 +1358,12 @@ _CANONICAL_HOSTS = re.compile(r"^(?:https?://)?(?:[\w-]+\.)*(?:hl7\.org|fhir\.or
                               re.IGNORECASE)
 
 
-def _over_89(value: Any, reference_year: int | None = None) -> bool:
-    """Safe Harbor: an age over 89, or a birth year that makes one (with `reference_year`)."""
+def _over_89(value: Any) -> bool:
+    """Safe Harbor: ages over 89 are aggregated into one category."""
     try:
-        number = float(value)
+        return float(value) > 89
     except (TypeError, ValueError):
         return False
-    return (reference_year - number > 89) if reference_year is not None else number > 89
 
 
 class FhirRewriter(_FileRewriter):
@@ -1416,14 +1436,12 @@ class FhirRewriter(_FileRewriter):
         if kind == "FamilyMemberHistory":
             self.ctx.counts["fhir_relatives"] += 1
             res = {k: v for k, v in res.items() if k not in ("name", "bornString", "bornPeriod")}
-            if isinstance(res.get("bornDate"), str):
-                res["bornDate"] = birth_year(res["bornDate"])
         if kind in _PERSON_TYPES:
             self.ctx.counts["fhir_person_resources"] += 1
             res = {k: v for k, v in res.items() if k in _PERSON_KEEP}
             if "birthDate" in res:
-                res["birthDate"] = birth_year(str(res["birthDate"]))
-                if _over_89(res["birthDate"], self.ctx.reference_year):
+                res["birthDate"] = birth_year(str(res["birthDate"]), self.ctx.reference_year)
+                if res["birthDate"] is None:
                     del res["birthDate"]
             if "deceasedDateTime" in res:
                 res["deceasedDateTime"] = birth_year(str(res["deceasedDateTime"]))
@@ -1436,8 +1454,8 @@ class FhirRewriter(_FileRewriter):
             elif k == "name" and kind in _PERSON_TYPES:
                 out[k] = v
             elif k in ("birthDate", "bornDate") and isinstance(v, str):
-                year = birth_year(v)
-                if year and not _over_89(year, self.ctx.reference_year):
+                year = birth_year(v, self.ctx.reference_year)
+                if year:
                     out[k] = year
                 else:
                     self.ctx.counts["fhir_ages_over_89"] += 1
