@@ -5,6 +5,7 @@ planted name, naming the file and the kind, never the value."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -179,6 +180,9 @@ def _planted_bundle(runs, tmp_path, rel: str, change) -> tuple[Path, str]:
     ("reports/{run_id}/report.html", lambda b: b.replace(b"</body>", b"<p>&#73;ngrid</p></body>", 1), "name"),
     ("reports/{run_id}/report.html", lambda b: b.replace(b"</body>", b"<p>I.E.D.</p></body>", 1), "name"),
     ("reports/{run_id}/summary.json", lambda b: b.replace(b"{", b'{"dob": "05 May 1994", ', 1), "birth_date"),
+    ("ndjson/{run_id}/documents.ndjson",
+     lambda b: re.sub(rb'"data":"[^"]*"', b'"data":"' + base64.b64encode(b"<p>seen: Ingrid</p>") + b'"', b, 1),
+     "name"),
     # A changed copy of the vendor script is no longer the pinned one: it is scanned like any data.
     ("reports/{run_id}/report.html", lambda b: b.replace(b"</script>", b"/*Ingrid*/</script>", 1), "name"),
 ])

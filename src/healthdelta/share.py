@@ -28,6 +28,8 @@ as free words, count only as a whole field.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import gzip
 import hashlib
 import html
@@ -238,6 +240,14 @@ class IdentifierScan:
         hit = self._find(data)
         if hit is None and (_ENTITY.search(data) or b"\\u" in data):
             hit = self._find(_decoded(data.decode("utf-8", "replace")).encode("utf-8", "replace"))
+        if hit is None and b'"data":"' in data:  # base64 attachments: what a reader decodes
+            for m in _BASE64_VALUE.finditer(data):
+                try:
+                    decoded = base64.b64decode(m.group(1), validate=True)
+                except (binascii.Error, ValueError):
+                    continue
+                if (hit := self.find(decoded)) is not None:
+                    break
         return hit
 
     def _find(self, data: bytes) -> str | None:
@@ -306,6 +316,7 @@ def without_vendor_code(html_bytes: bytes) -> bytes:
     return _SCRIPT.sub(strip, html_bytes)
 
 
+_BASE64_VALUE = re.compile(rb'"data":"([A-Za-z0-9+/]{8,}={0,2})"')
 _JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
 
 
