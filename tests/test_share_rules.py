@@ -69,7 +69,7 @@ def test_device_serials_are_dropped(scrubber):
 @pytest.mark.parametrize("name, expected", [
     ("Jane’s Apple Watch", {"Jane"}), ("Janes iPhone", {"Jane", "Janes"}), ("iPhone d’Élodie", {"Élodie"}),
     ("iPhone de Jean Paul", {"Jean Paul"}), ("Ingrid_iPhone", {"Ingrid"}), ("Apple Watch von Jana", {"Jana"}),
-    ("Health Mate", set()), ("iPhone", set()),
+    ("Health Mate", set()), ("iPhone", set()), ("My-iPhone", set()), ("iPhone de travail", set()),
 ])
 def test_device_names_say_who_owns_them(name, expected):
     assert device_possessors(name) == expected

@@ -371,6 +371,12 @@ _POSSESSOR_AFTER = re.compile(r"^\s*" + _DEVICES + r"(?:\s+\w+)?\s+(?:de|di|da|v
 _POSSESSOR_JOINED = re.compile(r"^\s*([^\W\d_][\w.-]*?)[_-]" + _DEVICES + r"\s*$", re.IGNORECASE)
 
 
+# "My-iPhone", "iPhone de travail": words, not owners (they would be scrubbed from every text).
+_NOT_POSSESSORS = frozenset({"my", "the", "new", "old", "work", "home", "office", "mein", "meine", "mon", "ma",
+                             "mi", "mio", "travail", "trabajo", "arbeit", "lavoro", "werk", "maison", "casa",
+                             "famille", "familia", "test", "backup"})
+
+
 def device_possessors(source_name: str) -> set[str]:
     """The names a device name says its owner has ("Jane’s iPhone", "Janes iPhone"
     (German: both "Jane" and "Janes"), "iPhone d’Élodie", "Jane_iPhone")."""
@@ -382,7 +388,7 @@ def device_possessors(source_name: str) -> set[str]:
             found.add(m.group(1).strip() + "s")
     for pattern in (_POSSESSOR_AFTER, _POSSESSOR_JOINED):
         m = pattern.match(source_name)
-        if m and len(m.group(1).strip()) >= 2:
+        if m and len(m.group(1).strip()) >= 2 and m.group(1).strip().casefold() not in _NOT_POSSESSORS:
             found.add(m.group(1).strip())
     return found
 _SOURCE_NAME = re.compile(rb'sourceName="([^"]*)"')
