@@ -91,6 +91,7 @@ def _export_xml(*, with_clinical: bool, owner_device: str) -> str:
   <MetadataEntry key="Note" value="ok
 SSN 987-65-4321"/>
   <MetadataEntry key="Patient MRN" value="88124477"/>
+  <MetadataEntry key="Ingrid D'Angelo goal" value="1"/>
   <MetadataEntry key="DOB" value="19940505"/>
   <MetadataEntry key="Phone" value="5035550199"/>
   <MetadataEntry key="SSN" value="123456789"/>

@@ -774,6 +774,7 @@ class ExportXmlRewriter:
         shift = ctx.owner_shift
         self.counts = ctx.counts
         self.source_name = _Bytes(sc.device_name)
+        self.key = _Bytes(sc.value)
         self.device = _Bytes(sc.device)
         self.text = _Bytes(lambda s: shift.text(sc.text(s)))
         self.date = self._shift_date if shift.days else None
@@ -807,6 +808,8 @@ class ExportXmlRewriter:
             return lambda p, i: self.url(p[i])
         if (tag == b"FileReference" and attr == b"path") or attr == b"resourceFilePath":
             return lambda p, i: self.path(p[i])
+        if tag == b"MetadataEntry" and attr == b"key":  # apps name their own keys ("Jane's goal")
+            return lambda p, i: self.key(p[i])
         if tag == b"MetadataEntry" and attr == b"value" and b"key" in names:
             key_at = 2 * names.index(b"key") + 1
             return lambda p, i: self._metadata(p[key_at], p[i])
