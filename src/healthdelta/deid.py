@@ -1612,8 +1612,9 @@ class FhirRewriter(_FileRewriter):
 # --------------------------------------------------------------------------- ECG CSV
 
 _ECG_NAME_LABELS = frozenset({"name", "nom", "nombre", "nome", "naam"})
-_ECG_BIRTH_LABELS = frozenset({"date of birth", "dob", "d.o.b.", "d.o.b", "birth date", "birthdate", "born", "geburtsdatum", "date de naissance", "fecha de nacimiento",
-                               "data di nascita", "geboortedatum"})
+_ECG_BIRTH_LABELS = frozenset({"date of birth", "dob", "d.o.b.", "d.o.b", "birth date", "birthdate", "born",
+                               "geburtsdatum", "date de naissance", "fecha de nacimiento", "data di nascita",
+                               "geboortedatum"})
 _ECG_RECORDED_LABELS = frozenset({"recorded date", "aufzeichnungsdatum", "aufnahmedatum", "date d'enregistrement",
                                   "date de l'enregistrement", "fecha de registro", "fecha de grabacion",
                                   "data di registrazione", "opnamedatum", "registratiedatum"})
