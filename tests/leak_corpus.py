@@ -27,7 +27,7 @@ PLANTED: dict[str, tuple[str, ...]] = {
     "04_device_serials": (SERIAL,),
     "05_old_routes": ("45.528788", "-122.660397", "45.528784", "-122.660411"),
     "06_file_names": ("Ingrid D'Angelo 1994-05-05 labs",),
-    "07_fhir_birth_date_values": (),  # the birth date itself is in 18_free_text
+    "07_fhir_birth_date_values": (OWNER_DOB,),
     "08_narrative_entities": ("Ingrid", "D'Angelo", "ingrid.dangelo@example.org"),
     "09_binary": ("Zebulon Marchetti",),
     "10_fhir_identifiers": ("UDI-(01)00844588003288", "LOT4471Z", "DI99812Q", "SUB55501234", "ACC202477812",
@@ -42,7 +42,7 @@ PLANTED: dict[str, tuple[str, ...]] = {
     "18_free_text": ("May 5th, 1994", "5/5/94", "05-May-1994", "5 mai 1994", "123 45 6789", "QX-773-1942",
                      "20 7946 0958", "dangelo77", "PO Box 8812", "Apt 4B",
                      "Hauptstrasse 12", "192.168.14.27", "3C:22:FB:9A:10:7E", "ACCT55501234", "PLX-99812",
-                     "D1234567", "4417 Quillmoor Ave", "Thistlebrook", "(503) 555-0199", OWNER_DOB),
+                     "D1234567", "4417 Quillmoor Ave", "Thistlebrook", "(503) 555-0199"),
     "19_coarse_routes": ("247.016155", "1.332374", "22.778777", "246.289895", "1.214840", "22.977493"),
 }
 

@@ -72,7 +72,7 @@ def _leaks(texts: dict[str, str], classes) -> list[str]:
     return sorted({f"{cls} in {where}" for where, text in texts.items() for cls, _ in corpus.find_leaks(text, classes)})
 
 
-@pytest.mark.parametrize("leak_class", sorted(c for c in corpus.PLANTED if corpus.PLANTED[c] and c[:2] != "17"))
+@pytest.mark.parametrize("leak_class", sorted(c for c in corpus.PLANTED if c[:2] != "17"))
 def test_planted_class_never_leaks(runs, leak_class):
     for mode, (_, _, texts) in runs.items():
         assert _leaks(texts, {leak_class: corpus.PLANTED[leak_class]}) == [], mode
