@@ -19,6 +19,8 @@ SERIAL = "8ABCD1234"
 APOS = "\u2019"
 
 # class -> values that must never appear in share output (words compared, see `_words`).
+# Identifiers under their own FHIR names are lower-case: no free-text pattern would catch
+# them, only the structural rule.
 PLANTED: dict[str, tuple[str, ...]] = {
     "01_metadata_newline": ("987-65-4321",),
     "02_numeric_metadata": ("88124477", "19940505", "5035550199", "123456789"),
@@ -30,8 +32,8 @@ PLANTED: dict[str, tuple[str, ...]] = {
     "07_fhir_birth_date_values": (OWNER_DOB,),
     "08_narrative_entities": ("Ingrid", "D'Angelo", "ingrid.dangelo@example.org"),
     "09_binary": ("Zebulon Marchetti",),
-    "10_fhir_identifiers": ("UDI-(01)00844588003288", "LOT4471Z", "DI99812Q", "SUB55501234", "ACC202477812",
-                            "REQ44120", "GRP99017"),
+    "10_fhir_identifiers": ("UDI-(01)00844588003288", "lot4471z", "di99812q", "sub55501234", "acc202477812",
+                            "req44120", "grp99017"),
     "11_urls": ("fhir.example.org",),
     "12_relatives": ("Marguerite", "Thaddeus Okafor", "1961-02-14"),
     "13_ages_over_89": ("1931", "92 years"),
@@ -250,24 +252,24 @@ def _fhir_resources() -> dict[str, dict]:
         "Device-dev-1.json": {
             "resourceType": "Device", "id": "dev-1", "patient": patient_ref,
             "udiCarrier": [{"deviceIdentifier": "00844588003288", "carrierHRF": "UDI-(01)00844588003288"}],
-            "serialNumber": "SN77Z1Q9", "lotNumber": "LOT4471Z", "distinctIdentifier": "DI99812Q",
+            "serialNumber": "SN77Z1Q9", "lotNumber": "lot4471z", "distinctIdentifier": "di99812q",
         },
         "Coverage-cov-1.json": {
             "resourceType": "Coverage", "id": "cov-1", "status": "active", "beneficiary": patient_ref,
-            "subscriberId": "SUB55501234",
+            "subscriberId": "sub55501234",
             "subscriber": {"display": "Marguerite D'Angelo"}, "policyHolder": {"display": "Marguerite D'Angelo"},
         },
         "Specimen-sp-1.json": {
             "resourceType": "Specimen", "id": "sp-1", "subject": patient_ref,
-            "accessionIdentifier": {"system": "urn:lab", "value": "ACC202477812"},
+            "accessionIdentifier": {"system": "urn:lab", "value": "acc202477812"},
         },
         "ServiceRequest-sr-1.json": {
             "resourceType": "ServiceRequest", "id": "sr-1", "status": "active", "intent": "order",
-            "subject": patient_ref, "requisition": {"value": "REQ44120"},
+            "subject": patient_ref, "requisition": {"value": "req44120"},
         },
         "MedicationRequest-mr-1.json": {
             "resourceType": "MedicationRequest", "id": "mr-1", "status": "active", "intent": "order",
-            "subject": patient_ref, "groupIdentifier": {"value": "GRP99017"},
+            "subject": patient_ref, "groupIdentifier": {"value": "grp99017"},
         },
         "FamilyMemberHistory-fmh-1.json": {
             "resourceType": "FamilyMemberHistory", "id": "fmh-1", "status": "completed", "patient": patient_ref,
