@@ -38,7 +38,7 @@ PLANTED: dict[str, tuple[str, ...]] = {
     "12_relatives": ("Marguerite", "Thaddeus Okafor", "1961-02-14"),
     "13_ages_over_89": ("1931", "92 years"),
     "14_cda": ("H44120X", "Thistlebrook General", "obs-Ingrid-1", "PMK" + SERIAL),
-    "15_ecg_header": ("05 May 1994",),
+    "15_ecg_header": ("1994/5/5",),  # a form no known-date list holds: only the label says what it is
     "16_name_variants": ("DAngelo", "D Angelo", "Elodie", "Ingrid_iPhone", "I.E.D."),
     "17_device_only_name": ("Rosalind",),
     "18_free_text": ("May 5th, 1994", "5/5/94", "05-May-1994", "5 mai 1994", "123 45 6789", "QX-773-1942",
@@ -92,6 +92,7 @@ def _export_xml(*, with_clinical: bool, owner_device: str) -> str:
  <Record type="HKQuantityTypeIdentifierHeartRate" sourceName="{owner_device}" sourceVersion="10.1" device="{device}" unit="count/min" creationDate="2024-03-02 07:35:24 -0800" startDate="2024-03-02 07:35:19 -0800" endDate="2024-03-02 07:35:19 -0800" value="61">
   <MetadataEntry key="Note" value="ok
 SSN 987-65-4321"/>
+  <MetadataEntry key="Buddy" value="ran with Rosalind"/>
   <MetadataEntry key="Patient MRN" value="88124477"/>
   <MetadataEntry key="Ingrid D'Angelo goal" value="1"/>
   <MetadataEntry key="DOB" value="19940505"/>
@@ -132,7 +133,7 @@ GPX = """<?xml version="1.0" encoding="UTF-8"?>
 
 ECG = f"""Name,Ingrid Élodie D'Angelo
 Recorded Date,2024-03-02 09:39:28 -0800
-DOB,05 May 1994
+DOB,1994/5/5
 Classification,Sinus Rhythm
 Symptoms,
 Software Version,1.70

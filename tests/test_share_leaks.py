@@ -90,7 +90,8 @@ def test_the_corpus_bundle_builds_and_verifies(runs, mode):
 
 
 def test_owner_named_only_by_a_device_is_scrubbed(tmp_path):
-    """Class 17: an export.xml without clinical records; the name comes from `iPhone d’Rosalind`."""
+    """Class 17: an export.xml without clinical records; the store learns the owner's name from
+    `iPhone d’Rosalind` and scrubs it from a note too."""
     _, _, texts, (bundle, *_) = _share_run(tmp_path, export_xml_only=True)
     assert bundle.returncode == 0, bundle.stderr
     assert _leaks(texts, {"17": corpus.PLANTED["17_device_only_name"]}) == []
