@@ -38,13 +38,14 @@ import json
 import os
 import re
 import tarfile
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from healthdelta.errors import HealthDeltaError, InputError, StateError
-from healthdelta.identity import PersonPII, fold_accents, load_people_pii
+from healthdelta.identity import PersonPII, load_people_pii
 
 SCHEMA_VERSION = 1
 BLOCK = 8 << 20
@@ -144,15 +145,20 @@ _ENTITY = re.compile(rb"&(?:#|(?!(?:lt|gt|quot|apos|amp);)[A-Za-z][A-Za-z0-9]*;)
 # ASCII letters lower-cased, ASCII punctuation, `_` and space -> one separator, UTF-8 bytes
 # of other characters kept: text becomes words that `bytes.split` finds at C speed.
 _FOLD = _fold_table()
-_APOSTROPHES = str.maketrans({"\u2019": " ", "\u2018": " ", "\u02bc": " ", "\u00b4": " ", "`": " "})
+_APOSTROPHES = ("\u2019", "\u2018", "\u02bc", "\u00b4", "`")
+# Combining marks (what decomposing an accented letter leaves next to it), matched at C speed.
+_COMBINING = re.compile("[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]+")
 
 
 def normalise_text(data: bytes) -> bytes:
     """Case, accents (composed or decomposed) and curly apostrophes do not matter."""
     if data.isascii():
         return data
-    text = fold_accents(data.decode("utf-8", "replace").translate(_APOSTROPHES)).casefold()
-    return text.encode("utf-8", "replace")
+    text = data.decode("utf-8", "replace")
+    for apostrophe in _APOSTROPHES:
+        if apostrophe in text:
+            text = text.replace(apostrophe, " ")
+    return _COMBINING.sub("", unicodedata.normalize("NFKD", text)).casefold().encode("utf-8", "replace")
 
 
 def fold_words(data: bytes) -> list[bytes]:
@@ -167,8 +173,8 @@ def _short_form(words: list[bytes]) -> bool:
 
 
 # A whole JSON string or HTML element text: `"J. D."`, `>J.D.<`, `"1234"` (not a number in a
-# list of numbers: a chart's series holds any short number).
-_FIELD = rb'(?<=["\'>])\s*%s\s*(?=["\'<])'
+# list of numbers: a chart's series holds any short number). One pattern for all of them.
+_FIELD = rb'["\'>]\s*(?:%s)\s*["\'<]'
 
 
 class IdentifierScan:
@@ -184,7 +190,7 @@ class IdentifierScan:
     """
 
     def __init__(self, people: Sequence[PersonPII]) -> None:
-        from healthdelta.deid import birth_date_forms, name_forms, phone_pattern
+        from healthdelta.deid import birth_date_forms, name_forms
 
         kinds: dict[bytes, str] = {}
         fields: dict[bytes, str] = {}
@@ -203,7 +209,7 @@ class IdentifierScan:
                 else:
                     kinds.setdefault(b" ".join(words), kind)
 
-        phones: list[tuple[bytes, re.Pattern[str]]] = []
+        phones: set[str] = set()
         for p in people:
             for form in name_forms(p.names, p.extra_names):
                 add(form, "name")
@@ -219,8 +225,8 @@ class IdentifierScan:
                 value = str(t.get("value") or "")
                 if "@" in value:
                     add(value, "email")
-                elif (pattern := phone_pattern(value)) is not None:
-                    phones.append((re.sub(r"\D", "", value)[-4:].encode(), re.compile(pattern)))
+                elif len(digits := re.sub(r"\D", "", value)) >= 7:
+                    phones.add(digits[-10:])  # the national number: a country code may be left out
                 else:
                     add(value, "contact", 4)
             for a in p.addresses:
@@ -230,9 +236,14 @@ class IdentifierScan:
                     if a.get(key):
                         add(str(a[key]), "address", 4)
         self._literals = [(seq, frozenset(seq.split()), kind) for seq, kind in sorted(kinds.items())]
-        self._fields = [(re.compile(_FIELD % body, re.IGNORECASE), kind)
-                        for body, kind in sorted(fields.items())]
-        self._phones = phones
+        ordered = sorted(fields.items())
+        self._field_kinds = [kind for _, kind in ordered]
+        self._fields = re.compile(_FIELD % b"|".join(b"(%s)" % body for body, _ in ordered),
+                                  re.IGNORECASE) if ordered else None
+        # One pattern for every known phone, whatever the separators between its digits.
+        self._phones = re.compile(rb"(?<![0-9])(?:" + b"|".join(
+            rb"[\s.()-]*".join(re.escape(d.encode()) for d in number) for number in sorted(phones))
+            + rb")(?![0-9])") if phones else None
 
     def find(self, text: str | bytes) -> str | None:
         """The kind of the first known identifier in `text`, or None."""
@@ -251,7 +262,8 @@ class IdentifierScan:
         return hit
 
     def _find(self, data: bytes) -> str | None:
-        parts = fold_words(data)
+        normal = normalise_text(data)
+        parts = normal.translate(_FOLD).split()
         words = set(parts)
         joined = None
         for seq, needed, kind in self._literals:
@@ -262,14 +274,10 @@ class IdentifierScan:
                     joined = b" " + b" ".join(parts) + b" "
                 if b" " + seq + b" " in joined:
                     return kind
-        if self._fields:
-            normal = normalise_text(data)
-            for pattern, kind in self._fields:
-                if pattern.search(normal):
-                    return kind
-        for last4, pattern in self._phones:
-            if last4 in data and pattern.search(data.decode("utf-8", "replace")):
-                return "phone"
+        if self._fields is not None and (m := self._fields.search(normal)) is not None:
+            return self._field_kinds[m.lastindex - 1]
+        if self._phones is not None and self._phones.search(data):
+            return "phone"
         return None
 
     def scan_file(self, path: Path) -> tuple[str | None, str, int]:
