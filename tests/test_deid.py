@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from datetime import datetime, timedelta
@@ -22,14 +23,17 @@ from healthdelta.identity import PersonPII
 
 @given(st.datetimes(min_value=datetime(1990, 1, 1), max_value=datetime(2040, 1, 1)),
        st.datetimes(min_value=datetime(1990, 1, 1), max_value=datetime(2040, 1, 1)),
-       st.integers(min_value=-800, max_value=800))
+       st.integers(min_value=-800, max_value=800).filter(bool))
 def test_date_shift_keeps_intervals_exact(a, b, days):
+    """Shifted timestamps are written in UTC: the instant moves by exactly `days`."""
     shift = DateShift(days)
     fmt = "%Y-%m-%d %H:%M:%S"
-    sa = datetime.strptime(shift.text(a.strftime(fmt) + " -0800")[:19], fmt)
-    sb = datetime.strptime(shift.text(b.strftime(fmt) + " -0800")[:19], fmt)
+    sa_text = shift.text(a.strftime(fmt) + " -0800")
+    assert sa_text.endswith(" +0000")
+    sa = datetime.strptime(sa_text[:19], fmt)
+    sb = datetime.strptime(shift.apple(b.strftime(fmt).encode() + b" -0800").decode()[:19], fmt)
     assert sb - sa == b.replace(microsecond=0) - a.replace(microsecond=0)
-    assert sa - a.replace(microsecond=0) == timedelta(days=days)
+    assert sa - a.replace(microsecond=0) == timedelta(days=days, hours=8)
 
 
 def test_person_offset_is_whole_weeks_into_the_past_and_per_person():
@@ -41,7 +45,8 @@ def test_person_offset_is_whole_weeks_into_the_past_and_per_person():
 
 def test_date_shift_formats():
     s = DateShift(-14)
-    assert s.cda("20200302074109-0800") == "20200217074109-0800"
+    assert s.cda("20200302074109-0800") == "20200217154109+0000"
+    assert s.cda("20200302") == "20200217"
     assert s.cda("1961") == "1961"
     assert s.fhir("2020-03") == "2020-03" or s.fhir("2020-03") == "2020-02"
     assert s.fhir("2020-03-02T10:00:00Z") == "2020-02-17T10:00:00Z"
@@ -128,6 +133,9 @@ def _assert_tree_clean(root: Path, pii: list[str]) -> int:
 
 def _deid(planted, tmp_path, **kw):
     export_, run_id, run_dir, idir = planted
+    if kw.get("date_shift"):  # a store's share runs are all shifted or none is
+        shutil.copytree(idir, tmp_path / "identity", ignore=shutil.ignore_patterns(deid.SETTINGS_FILE))
+        idir = tmp_path / "identity"
     dest = tmp_path / "deid" / run_id
     result = deid.deidentify_run(run_dir, dest, idir, **kw)
     return result, dest
@@ -166,7 +174,7 @@ def test_person_fields_are_reduced(planted, tmp_path):
     assert report["date_shift"] is False and report["mode"] == "share"
 
 
-_APPLE_DATE = re.compile(r'(startDate|endDate|creationDate)="(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})')
+_APPLE_DATE = re.compile(r'(startDate|endDate|creationDate)="(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} [+-]\d{4})')
 
 
 def _record_times(path: Path) -> list[dict[str, datetime]]:
@@ -174,7 +182,7 @@ def _record_times(path: Path) -> list[dict[str, datetime]]:
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             if line.startswith(" <Record "):
-                out.append({k: datetime.strptime(v, "%Y-%m-%d %H:%M:%S") for k, v in _APPLE_DATE.findall(line)})
+                out.append({k: datetime.strptime(v, "%Y-%m-%d %H:%M:%S %z") for k, v in _APPLE_DATE.findall(line)})
     return out
 
 
@@ -270,9 +278,16 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_cli_deid(planted, tmp_path):
     export_, run_id, run_dir, idir = planted
+    shutil.copytree(idir, tmp_path / "identity", ignore=shutil.ignore_patterns(deid.SETTINGS_FILE))
+    idir = tmp_path / "identity"
     proc = run_cli("deid", "--input", str(run_dir), "--out", str(tmp_path / "deid"), "--identity", str(idir),
                    "--date-shift", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    # The store's share runs are shifted now: an unshifted one would give the shift away.
+    mixed = run_cli("deid", "--input", str(run_dir), "--out", str(tmp_path / "deid3"), "--identity", str(idir),
+                    cwd=tmp_path)
+    assert mixed.returncode == 2 and mixed.stderr.startswith("error: ") and "--date-shift" in mixed.stderr
+    assert not (tmp_path / "deid3" / run_id).exists()
     assert f"deid_dir={(tmp_path / 'deid' / run_id).as_posix()}" in proc.stdout
     for value in _pii(export_):
         assert value.casefold() not in (proc.stdout + proc.stderr).casefold()

@@ -78,6 +78,12 @@ def fold_accents(text: str) -> str:
     return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
 
 
+def fold_for_match(text: str) -> str:
+    """`D’Ángelo` -> `d'angelo`: case, accents (composed or not) and apostrophe styles do not
+    matter; for matching a value a person typed against stored text."""
+    return fold_accents(text.translate(_APOSTROPHES)).casefold()
+
+
 def normalise_name(text: str) -> str:
     """One comparable form of a person's name; idempotent.
 
@@ -358,7 +364,34 @@ def _sex_from_me(value: str | None) -> str | None:
 
 _RECORD_LINE = re.compile(rb"^[ \t]*<Record\s[^\n]*", re.MULTILINE)
 _CLINICAL_LINE = re.compile(rb"^[ \t]*<ClinicalRecord\s[^\n]*", re.MULTILINE)
-_POSSESSOR = re.compile(r"^\s*(.+?)(?:['\u2019]s|s)\s+(?:Apple\s*Watch|iPhone|iPad|iPod|Mac|AirPods)", re.IGNORECASE)
+_DEVICES = r"(?:Apple\s*Watch|iPhone|iPad|iPod|Mac|MacBook|AirPods|Watch)"
+_POSSESSOR = re.compile(r"^\s*(.+?)(?:['\u2019]s|s)\s+" + _DEVICES, re.IGNORECASE)
+# "iPhone de Jean", "iPhone d’Élodie", "Apple Watch von Jana", "iPad di Luca", and "Jane_iPhone".
+_POSSESSOR_AFTER = re.compile(r"^\s*" + _DEVICES + r"(?:\s+\w+)?\s+(?:de|di|da|van|von|of|del|do|du|d['\u2019])\s*"
+                              r"([^\W\d_][\w.-]*(?:\s+[^\W\d_][\w.-]*){0,2})\s*$", re.IGNORECASE)
+_POSSESSOR_JOINED = re.compile(r"^\s*([^\W\d_][\w.-]*?)[_-]" + _DEVICES + r"\s*$", re.IGNORECASE)
+
+
+# "My-iPhone", "iPhone de travail": words, not owners (they would be scrubbed from every text).
+_NOT_POSSESSORS = frozenset({"my", "the", "new", "old", "work", "home", "office", "mein", "meine", "mon", "ma",
+                             "mi", "mio", "travail", "trabajo", "arbeit", "lavoro", "werk", "maison", "casa",
+                             "famille", "familia", "test", "backup"})
+
+
+def device_possessors(source_name: str) -> set[str]:
+    """The names a device name says its owner has ("Jane’s iPhone", "Janes iPhone"
+    (German: both "Jane" and "Janes"), "iPhone d’Élodie", "Jane_iPhone")."""
+    found: set[str] = set()
+    m = _POSSESSOR.match(source_name)
+    if m and len(m.group(1).strip()) >= 2:
+        found.add(m.group(1).strip())
+        if m.group(0)[m.end(1):m.end(1) + 1] == "s":
+            found.add(m.group(1).strip() + "s")
+    for pattern in (_POSSESSOR_AFTER, _POSSESSOR_JOINED):
+        m = pattern.match(source_name)
+        if m and len(m.group(1).strip()) >= 2 and m.group(1).strip().casefold() not in _NOT_POSSESSORS:
+            found.add(m.group(1).strip())
+    return found
 _SOURCE_NAME = re.compile(rb'sourceName="([^"]*)"')
 
 
@@ -392,12 +425,7 @@ def _read_healthkit_head(xml: Path, secret: bytes) -> tuple[tuple[str, ...], tup
                 break
     possessors: set[str] = set()
     for raw in set(_SOURCE_NAME.findall(head)):
-        text = _unescape_xml(raw.decode("utf-8", "replace"))
-        m = _POSSESSOR.match(text)
-        if m and len(m.group(1).strip()) >= 2:
-            possessors.add(m.group(1).strip())
-            if m.group(0)[m.end(1):m.end(1) + 1] == "s":  # German style "Janes iPhone": keep both
-                possessors.add(m.group(1).strip() + "s")
+        possessors.update(device_possessors(_unescape_xml(raw.decode("utf-8", "replace"))))
     return tuple(samples), tuple(sorted(possessors))
 
 

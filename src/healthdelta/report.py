@@ -355,7 +355,7 @@ def _since(ctx: _Ctx) -> dict[str, Any]:
         "parent_run_id": run["delta_parent_run_id"],
         "load_seq": run["load_seq"],
         "load_mode": run["load_mode"],
-        "created_at": run["created_at"],
+        "created_at": None if ctx.share else run["created_at"],  # wall-clock time could date a shifted run
         "added": added,
         "removed": removed,
         "new_by_type": new_types,

@@ -18,11 +18,18 @@ same artifacts gives the same bytes.
 
 Before anything is written every member is scanned for the identity store's
 known identifiers (all name forms, birth dates in several formats, MRNs and other
-identifiers, phones, e-mails, addresses); one hit refuses the whole bundle.
+identifiers, phones, e-mails, addresses); one hit refuses the whole bundle, naming the
+member and the kind of identifier, never the value. What is scanned is what was made
+from the person's data: the plotly.js a report inlines is vendor code, skipped when its
+sha256 is that of the copy the installed plotly package ships (a changed copy is
+scanned like anything else); initials and short numbers, which any code or markup holds
+as free words, count only as a whole field.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import gzip
 import hashlib
 import html
@@ -31,13 +38,14 @@ import json
 import os
 import re
 import tarfile
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from healthdelta.errors import HealthDeltaError, InputError, StateError
-from healthdelta.identity import PersonPII, fold_accents, load_people_pii
+from healthdelta.identity import PersonPII, load_people_pii
 
 SCHEMA_VERSION = 1
 BLOCK = 8 << 20
@@ -128,46 +136,80 @@ def _fold_table() -> bytes:
     table = bytearray(range(256))
     for i in range(128):
         c = chr(i)
-        table[i] = ord(c.lower()) if (c.isalnum() or c == "_") else 0x20
+        table[i] = ord(c.lower()) if c.isalnum() else 0x20
     return bytes(table)
 
 
 # References that may stand for letters or digits (not the markup escapes &lt; &gt; ...).
 _ENTITY = re.compile(rb"&(?:#|(?!(?:lt|gt|quot|apos|amp);)[A-Za-z][A-Za-z0-9]*;)")
-# ASCII letters lower-cased, ASCII punctuation and space -> one separator, UTF-8 bytes of
-# other characters kept: text becomes words that `bytes.split` finds at C speed.
+# ASCII letters lower-cased, ASCII punctuation, `_` and space -> one separator, UTF-8 bytes
+# of other characters kept: text becomes words that `bytes.split` finds at C speed.
 _FOLD = _fold_table()
+_APOSTROPHES = ("\u2019", "\u2018", "\u02bc", "\u00b4", "`")
+# Combining marks (what decomposing an accented letter leaves next to it), matched at C speed.
+_COMBINING = re.compile("[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]+")
+
+
+def normalise_text(data: bytes) -> bytes:
+    """Case, accents (composed or decomposed) and curly apostrophes do not matter."""
+    if data.isascii():
+        return data
+    text = data.decode("utf-8", "replace")
+    for apostrophe in _APOSTROPHES:
+        if apostrophe in text:
+            text = text.replace(apostrophe, " ")
+    return _COMBINING.sub("", unicodedata.normalize("NFKD", text)).casefold().encode("utf-8", "replace")
 
 
 def fold_words(data: bytes) -> list[bytes]:
-    return data.translate(_FOLD).split()
+    return normalise_text(data).translate(_FOLD).split()
+
+
+def _short_form(words: list[bytes]) -> bool:
+    """Initials (`J. D.`), two-letter names (`Li`, also the `<li>` of any page) and short
+    numbers occur in any code or markup as free words: they count only where they make up
+    a whole field."""
+    return all(len(w) <= 2 for w in words) or (len(words) == 1 and words[0].isdigit() and len(words[0]) < 6)
+
+
+# A whole JSON string or HTML element text: `"J. D."`, `>J.D.<`, `"1234"` (not a number in a
+# list of numbers: a chart's series holds any short number). One pattern for all of them.
+_FIELD = rb'["\'>]\s*(?:%s)\s*["\'<]'
 
 
 class IdentifierScan:
     """Finds any known identifier of any person in the store, fast enough for GBs.
 
-    Text is compared as sequences of words (case and punctuation ignored, so
-    "Doe, Jane" also matches "doe-jane"): a chunk becomes its set of words at C
-    speed, a literal is a candidate only when all its words occur, and only
-    candidates are looked for as a word sequence. Known phones are matched by their
-    digits whatever the separators. Stricter than the de-identification scrub on
-    purpose: a bundle is refused rather than risked.
+    Text is compared as sequences of words (case, accents and punctuation ignored, so
+    "Doe, Jane" also matches "doe-jane" and "D’Angelo" matches "d'angelo" and "DAngelo"):
+    a chunk becomes its set of words at C speed, a literal is a candidate only when all
+    its words occur, and only candidates are looked for as a word sequence. Initials and
+    short numbers count only as a whole field. Known phones are matched by their digits
+    whatever the separators. Stricter than the de-identification scrub on purpose: a
+    bundle is refused rather than risked.
     """
 
     def __init__(self, people: Sequence[PersonPII]) -> None:
-        from healthdelta.deid import birth_date_forms, name_forms, phone_pattern
+        from healthdelta.deid import birth_date_forms, name_forms
 
         kinds: dict[bytes, str] = {}
+        fields: dict[bytes, str] = {}
 
         def add(text: str, kind: str, minimum: int = 3) -> None:
             text = text.strip()
-            if len(text) >= minimum:
-                for form in (text, fold_accents(text)):
-                    words = fold_words(form.encode("utf-8"))
-                    if words:
-                        kinds.setdefault(b" ".join(words), kind)
+            if len(text) < minimum and not (kind == "name" and len(text) >= 2):
+                return
+            forms = {text, text.replace("'", "").replace("\u2019", "")}
+            for form in forms:
+                words = fold_words(form.encode("utf-8"))
+                if not words:
+                    continue
+                if _short_form(words):
+                    fields.setdefault(rb"[\s.]+".join(re.escape(w) for w in words) + rb"\.?", kind)
+                else:
+                    kinds.setdefault(b" ".join(words), kind)
 
-        phones: list[tuple[bytes, re.Pattern[str]]] = []
+        phones: set[str] = set()
         for p in people:
             for form in name_forms(p.names, p.extra_names):
                 add(form, "name")
@@ -183,8 +225,8 @@ class IdentifierScan:
                 value = str(t.get("value") or "")
                 if "@" in value:
                     add(value, "email")
-                elif (pattern := phone_pattern(value)) is not None:
-                    phones.append((re.sub(r"\D", "", value)[-4:].encode(), re.compile(pattern)))
+                elif len(digits := re.sub(r"\D", "", value)) >= 7:
+                    phones.add(digits[-10:])  # the national number: a country code may be left out
                 else:
                     add(value, "contact", 4)
             for a in p.addresses:
@@ -194,7 +236,14 @@ class IdentifierScan:
                     if a.get(key):
                         add(str(a[key]), "address", 4)
         self._literals = [(seq, frozenset(seq.split()), kind) for seq, kind in sorted(kinds.items())]
-        self._phones = phones
+        ordered = sorted(fields.items())
+        self._field_kinds = [kind for _, kind in ordered]
+        self._fields = re.compile(_FIELD % b"|".join(b"(%s)" % body for body, _ in ordered),
+                                  re.IGNORECASE) if ordered else None
+        # One pattern for every known phone, whatever the separators between its digits.
+        self._phones = re.compile(rb"(?<![0-9])(?:" + b"|".join(
+            rb"[\s.()-]*".join(re.escape(d.encode()) for d in number) for number in sorted(phones))
+            + rb")(?![0-9])") if phones else None
 
     def find(self, text: str | bytes) -> str | None:
         """The kind of the first known identifier in `text`, or None."""
@@ -202,10 +251,19 @@ class IdentifierScan:
         hit = self._find(data)
         if hit is None and (_ENTITY.search(data) or b"\\u" in data):
             hit = self._find(_decoded(data.decode("utf-8", "replace")).encode("utf-8", "replace"))
+        if hit is None and b'"data":"' in data:  # base64 attachments: what a reader decodes
+            for m in _BASE64_VALUE.finditer(data):
+                try:
+                    decoded = base64.b64decode(m.group(1), validate=True)
+                except (binascii.Error, ValueError):
+                    continue
+                if (hit := self.find(decoded)) is not None:
+                    break
         return hit
 
     def _find(self, data: bytes) -> str | None:
-        parts = fold_words(data)
+        normal = normalise_text(data)
+        parts = normal.translate(_FOLD).split()
         words = set(parts)
         joined = None
         for seq, needed, kind in self._literals:
@@ -216,13 +274,18 @@ class IdentifierScan:
                     joined = b" " + b" ".join(parts) + b" "
                 if b" " + seq + b" " in joined:
                     return kind
-        for last4, pattern in self._phones:
-            if last4 in data and pattern.search(data.decode("utf-8", "replace")):
-                return "phone"
+        if self._fields is not None and (m := self._fields.search(normal)) is not None:
+            return self._field_kinds[m.lastindex - 1]
+        if self._phones is not None and self._phones.search(data):
+            return "phone"
         return None
 
     def scan_file(self, path: Path) -> tuple[str | None, str, int]:
-        """(kind of the first hit or None, sha256, size): one read of the file."""
+        """(kind of the first hit or None, sha256, size): one read of the file. The vendor
+        scripts of a report are checked by hash, not scanned (see `without_vendor_code`)."""
+        if path.suffix == ".html":
+            data = path.read_bytes()
+            return self.find(without_vendor_code(data)), hashlib.sha256(data).hexdigest(), len(data)
         digest = hashlib.sha256()
         size = 0
         carry = b""
@@ -238,6 +301,30 @@ class IdentifierScan:
         return hit, digest.hexdigest(), size
 
 
+_SCRIPT = re.compile(rb"(<script[^>]*>)(.*?)(</script>)", re.DOTALL | re.IGNORECASE)
+
+
+def vendor_script_hashes() -> frozenset[str]:
+    """sha256 of the vendor code a report may inline: the plotly.js the installed plotly
+    package ships (the report inlines exactly that copy)."""
+    from healthdelta.charts import plotly_js
+
+    return frozenset({hashlib.sha256(plotly_js().encode("utf-8")).hexdigest()})
+
+
+def without_vendor_code(html_bytes: bytes) -> bytes:
+    """The report with every inline script whose bytes are a known vendor copy removed:
+    minified code holds every pair of letters, and it is not the person's data. Any
+    other script (the figures' data) stays and is scanned."""
+    pinned = vendor_script_hashes()
+
+    def strip(m: re.Match[bytes]) -> bytes:
+        return m.group(1) + m.group(3) if hashlib.sha256(m.group(2)).hexdigest() in pinned else m.group(0)
+
+    return _SCRIPT.sub(strip, html_bytes)
+
+
+_BASE64_VALUE = re.compile(rb'"data":"([A-Za-z0-9+/]{8,}={0,2})"')
 _JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
 
 

@@ -51,7 +51,8 @@ def export_ndjson(ctx, run_dir, out, mode):
 @export_group.command("validate")
 @click.option("--input", "ndjson_dir", required=True, type=click.Path(path_type=Path),
               help="An NDJSON run directory, <out>/ndjson/<run_id>.")
-@click.option("--banned-token", "tokens", multiple=True, help="Text that must not appear (repeatable).")
+@click.option("--banned-token", "tokens", multiple=True,
+              help="Text that must not appear, whatever its case, accents or apostrophes (repeatable).")
 @click.option("--banned-regex", "regexes", multiple=True, help="Pattern that must not match (repeatable).")
 @global_options
 def export_validate(ndjson_dir, tokens, regexes):

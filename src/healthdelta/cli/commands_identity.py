@@ -237,6 +237,8 @@ def share_bundle(run_id, dest, out_dir, state, lock_timeout):
     click.echo(f"bundle={dest.as_posix()}")
     click.echo(f"members={result.members}")
     click.echo(f"sha256={result.sha256}")
+    click.echo("share_safe=this bundle only: de-identified NDJSON and share-mode reports, every member "
+               "checked against every known identifier; nothing else under --out-dir may be sent")
 
 
 @share_group.command("verify")

@@ -108,6 +108,8 @@ def pipeline_run(ctx, as_json, **flags):
         if getattr(result, key):
             summary[key] = _shown(opts.layout, getattr(result, key))
     _emit(summary, as_json)
+    if result.deid_dir:
+        _share_notice(ctx, opts.layout, result.run_id)
 
 
 def _print_notices(ctx, result) -> None:
@@ -146,6 +148,16 @@ def run_all_cmd(ctx, as_json, **flags):
     if report.is_file():  # also for a no-op: the report of the run that already holds this export
         summary["report"] = _shown(opts.layout, opts.layout.rel(report))
     _emit(summary, as_json, ("no changes detected",) if unchanged else ())
+    if flags["mode"] == "share" and not unchanged:
+        _share_notice(ctx, opts.layout, result.run_id)
+
+
+def _share_notice(ctx, layout, run_id: str) -> None:
+    """Share mode's output tree is not the thing to send: it holds the raw export and the keys."""
+    out = _shown(layout, ".")
+    notice(ctx, "notice: nothing under --out is meant to be sent as it is (staging/ holds the raw export, "
+                "state/ the identity store and its secret); the one file that may leave this machine is the "
+                f"bundle: {self_command()} share bundle --run {run_id[:12]} --out-dir {out} --out share.tar.gz")
 
 
 @run_group.command("register")
