@@ -113,7 +113,8 @@ def _check_ids(participants: list[Participant]) -> list[Participant]:
 def discover(inputs: Path) -> list[Participant]:
     """The participants of `inputs`: a directory of `<id>.zip` / `<id>/` exports, or a CSV
     manifest with the columns `participant_id,path` (relative paths are taken from the
-    manifest's directory)."""
+    manifest's directory). Paths are made absolute: workers do not share our working directory."""
+    inputs = inputs.absolute()
     if inputs.is_file():
         return _check_ids(_read_manifest(inputs))
     if not inputs.is_dir():
@@ -250,9 +251,10 @@ def _run_on_dask(participants: list[Participant], cohort: CohortLayout, mode: Mo
     cluster = None
     try:
         if scheduler is None:
+            # Dask's own log lines stay off stderr: the outcome of every task is in our result.
             cluster = LocalCluster(n_workers=workers or min(len(participants), os.cpu_count() or 1),
                                    threads_per_worker=1, processes=True, dashboard_address=None,
-                                   silence_logs=logging.ERROR)
+                                   silence_logs=logging.CRITICAL)
             client = Client(cluster)
         else:
             client = Client(scheduler, timeout="30s")
