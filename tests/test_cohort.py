@@ -101,6 +101,15 @@ def test_cohort_workers_and_scheduler_exclude_each_other(tmp_path):
         cohort.run_cohort(tmp_path, tmp_path / "out", workers=2, scheduler="tcp://127.0.0.1:1")
 
 
+def test_unreachable_or_malformed_scheduler_is_one_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "in" / "P01").mkdir(parents=True)
+    monkeypatch.setattr(cohort, "CONNECT_TIMEOUT", "1s")
+    with pytest.raises(UsageError, match="--scheduler must be an address"):
+        cohort.run_cohort(tmp_path / "in", tmp_path / "out", scheduler="nonsense")
+    with pytest.raises(HealthDeltaError, match="could not be reached"):
+        cohort.run_cohort(tmp_path / "in", tmp_path / "out", scheduler="tcp://127.0.0.1:1")
+
+
 # --------------------------------------------------------------------------- helpers
 
 

@@ -52,6 +52,7 @@ Mode = Literal["local", "share"]
 Status = Literal["created", "no_changes", "failed"]
 SUMMARY_SCHEMA_VERSION = 1
 PROGRESS_STAGE = "participants"
+CONNECT_TIMEOUT = "30s"  # to reach an existing scheduler
 
 # participant id -> the progress callback its task reports to, called inside the worker
 # (picklable: Dask ships it). The CLI's test-only fault hook is one.
@@ -257,7 +258,9 @@ def _run_on_dask(participants: list[Participant], cohort: CohortLayout, mode: Mo
                                    silence_logs=logging.CRITICAL)
             client = Client(cluster)
         else:
-            client = Client(scheduler, timeout="30s")
+            client = Client(scheduler, timeout=CONNECT_TIMEOUT)
+    except ValueError:
+        raise UsageError("--scheduler must be an address such as tcp://host:8786") from None
     except (OSError, TimeoutError) as exc:
         if cluster is not None:
             cluster.close()

@@ -41,6 +41,9 @@ from healthdelta.progress import ProgressFn, no_progress
 PART_FILE = "part-0.parquet"
 TABLES = (*STREAMS, "record_removals", "record_readds", "runs")  # `runs` last: it publishes the run
 PROGRESS_STAGE = "parquet"
+# Ordering a large run's rows by key must not take the machine (DuckDB's default is 80% of
+# RAM, per process, and a cohort runs several): past this it spills into the work dir.
+MEMORY_LIMIT = "512MB"
 
 # Partition values become directory names and SQL literals: only these characters.
 _PARTITION_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -104,6 +107,7 @@ def publish_run(con: duckdb.DuckDBPyConnection, root: Path, run_id: str, *, work
         return PublishResult(run_id=run_id, status="already_published", rows={})
     rows: dict[str, int] = {}
     with WorkDir(work_parent, f"parquet-{run_id[:16]}") as work:
+        con.execute(f"SET temp_directory = {_sql_path(work.path / 'spill')}")
         for table in TABLES:
             target = work.path / table / PART_FILE
             target.parent.mkdir()
@@ -114,7 +118,7 @@ def publish_run(con: duckdb.DuckDBPyConnection, root: Path, run_id: str, *, work
                 raise HealthDeltaError(f"the Parquet files could not be written ({type(exc).__name__})") from exc
             with open(target, "rb") as fh:
                 os.fsync(fh.fileno())
-        for table in TABLES:
+        for table in TABLES:  # `runs` last: from its rename on, the run is published
             final = partition_dir(root, table, run_id, participant)
             final.parent.mkdir(parents=True, exist_ok=True)
             if final.exists():  # left by an attempt that died before `runs`: never published
@@ -138,6 +142,7 @@ def publish_runs(db_path: Path, root: Path, run_ids: list[str] | None = None, *,
     con = warehouse.connect(db_path, read_only=True)
     try:
         con.execute("SET preserve_insertion_order = true")
+        con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
         return [publish_run(con, root, run_id, work_parent=work_parent, participant=participant,
                             progress=progress) for run_id in wanted]
     finally:
