@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -183,7 +184,8 @@ def process_participant(participant: Participant, out: str, mode: Mode,
         return ParticipantResult(participant.id, "failed", reason=failure_reason(exc),
                                  seconds=time.monotonic() - started)
     return ParticipantResult(
-        participant.id, "no_changes" if result.status == "no_changes" else "created", run_id=result.run_id,
+        # `already_registered` (an earlier export again) adds nothing either.
+        participant.id, "created" if result.status == "created" else "no_changes", run_id=result.run_id,
         published_runs=sum(1 for p in published if p.status == "published"),
         rows_added=sum(p.stream_rows for p in published), seconds=time.monotonic() - started,
     )
@@ -267,9 +269,11 @@ def _run_on_dask(participants: list[Participant], cohort: CohortLayout, mode: Mo
         raise StateError("the Dask scheduler could not be reached" if scheduler else
                          "the local Dask cluster could not be started") from exc
     try:
+        # Keys unique per cohort run: two cohorts on one cluster may share participant ids.
+        run_token = uuid.uuid4().hex[:12]
         futures = client.map(process_participant, participants, out=str(cohort.out), mode=mode,
-                             task_progress=task_progress, key=[f"participant-{p.id}" for p in participants],
-                             pure=False)
+                             task_progress=task_progress, pure=False,
+                             key=[f"participant-{p.id}-{run_token}" for p in participants])
         by_key = {f.key: p.id for f, p in zip(futures, participants)}
         results = []
         for future in as_completed(futures):
