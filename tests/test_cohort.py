@@ -265,6 +265,8 @@ def test_cohort_views_equal_each_participants_own_warehouse(scenario):
     seen = dict.fromkeys(NUMERIC_VIEWS, 0)
     with hd.open(scenario.out) as pooled:
         assert pooled.path.name == "cohort.duckdb"
+        for name in (*STREAMS, "runs", "record_removals", *warehouse.VIEWS):  # the warehouse's names ...
+            assert "participant_id" in pooled.view(name).columns, name  # ... each with its participant
         for pid in GOOD:
             with hd.open(scenario.out / "participants" / pid) as own:
                 for view in NUMERIC_VIEWS:
@@ -405,3 +407,41 @@ def test_export_parquet_is_read_back_by_duckdb(tmp_path, cli):
 
     bad = cli("export", "parquet", "--db", "data/warehouse.duckdb", "--out", "pq", "--run", "ffff")
     assert assert_one_error_line(bad) == "error: --run matches no loaded run"
+
+
+# --------------------------------------------------------------------------- removals, without Dask
+
+
+def test_removed_and_readded_records_reach_the_pool_as_in_the_own_warehouse(tmp_path):
+    """Export 2 drops two step records, export 3 brings them back: the pooled
+    `removed_records` and `daily_steps` follow the participant's own warehouse at every step."""
+    from conftest import write_mini_export
+
+    import healthdelta as hd
+
+    pool = cohort.CohortLayout(tmp_path / "out")
+    layout = pool.participant("M1")
+    other = pool.participant("M2")  # the same records under another participant: keys must not mix
+    write_mini_export(tmp_path / "m2", records=5)
+    run_all(PipelineOptions(input=tmp_path / "m2", layout=other, mode="share"))
+    cohort.publish_participant(pool, "M2")
+    expected_removed = []
+    for step, records in enumerate((5, 3, 5)):
+        write_mini_export(tmp_path / f"m1-{step}", records=records)
+        run_all(PipelineOptions(input=tmp_path / f"m1-{step}", layout=layout, mode="share"))
+        published = cohort.publish_participant(pool, "M1")
+        assert [p.status for p in published][-1] == "published"
+        assert cohort.build_cohort_db(pool) == pool.db
+        with hd.open(layout.out) as own, hd.open(pool.out) as pooled:
+            removed = own.sql("SELECT count(*) FROM removed_records").fetchall()[0][0]
+            expected_removed.append(removed)
+            assert pooled.sql("SELECT participant_id, count(*) FROM removed_records GROUP BY ALL").fetchall() == (
+                [("M1", removed)] if removed else [])
+            assert sorted(own.sql("SELECT * FROM daily_steps").fetchall()) == sorted(pooled.sql(
+                "SELECT * EXCLUDE (participant_id) FROM daily_steps WHERE participant_id = 'M1'").fetchall())
+            assert pooled.sql("SELECT count(*) FROM daily_steps WHERE participant_id = 'M2'").fetchall() == [(1,)]
+    assert expected_removed == [0, 2, 0]
+    readds = duckdb.sql(f"SELECT count(*) FROM read_parquet('{pool.parquet}/record_readds/*/*/*.parquet')")
+    assert readds.fetchall() == [(2,)]
+    # Publishing again changes nothing.
+    assert {p.status for p in cohort.publish_participant(pool, "M1")} == {"already_published"}

@@ -321,6 +321,17 @@ def participant_scoped(view_sql: str) -> str:
     return _PERSON.sub(lambda m: f"{m[1] or ''}participant_id, {m[1] or ''}canonical_person_id", view_sql)
 
 
+_VIEW_DDL = re.compile(r"\s*CREATE OR REPLACE VIEW (\w+) AS\s+(.*)", re.DOTALL)
+
+
+def with_participant_column(view_sql: str) -> str:
+    """A view without person columns (`removed_records`, `record_history`) gets its
+    `participant_id` from its qualified record keys (`<participant_id>/<record_key>`)."""
+    name, body = _VIEW_DDL.fullmatch(view_sql).groups()
+    return (f"CREATE OR REPLACE VIEW {name} AS SELECT split_part(q.record_key, '/', 1) AS participant_id, q.* "
+            f"FROM ({body}) AS q")
+
+
 def _reader(root: Path, table: str) -> str:
     glob = parquet.dataset_glob(root, table, participants=True).replace("'", "''")
     return (f"read_parquet('{glob}', hive_partitioning = true, union_by_name = true, "
@@ -364,8 +375,10 @@ def build_cohort_db(cohort: CohortLayout) -> Path | None:
             con.execute(ddl)
         for ddl in warehouse._MACROS:  # the single-person warehouse's own macros and views
             con.execute(ddl)
-        for ddl in warehouse.VIEWS.values():
+        for name, ddl in warehouse.VIEWS.items():
             con.execute(participant_scoped(ddl))
+            if "participant_id" not in con.table(name).columns:
+                con.execute(with_participant_column(ddl))
         con.execute("CHECKPOINT")
     except duckdb.Error as exc:
         raise HealthDeltaError(f"cohort.duckdb could not be built ({type(exc).__name__})") from exc
