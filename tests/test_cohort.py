@@ -53,7 +53,8 @@ def test_discover_directory_and_manifest(tmp_path):
     (tmp_path / "in" / "P01.zip").write_bytes(b"")
     (tmp_path / "in" / "notes.txt").write_text("ignored\n")
     (tmp_path / "in" / ".hidden").mkdir()
-    found = cohort.discover(tmp_path / "in")
+    (tmp_path / "in" / "cohort-out").mkdir()
+    found = cohort.discover(tmp_path / "in", exclude=tmp_path / "in" / "cohort-out")
     assert [(p.id, p.input.name) for p in found] == [("P01", "P01.zip"), ("P02", "P02")]
     assert "in" not in repr(found[0])  # the input path never reaches a log line
 

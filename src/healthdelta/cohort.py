@@ -112,10 +112,11 @@ def _check_ids(participants: list[Participant]) -> list[Participant]:
     return sorted(participants, key=lambda p: p.id)
 
 
-def discover(inputs: Path) -> list[Participant]:
+def discover(inputs: Path, exclude: Path | None = None) -> list[Participant]:
     """The participants of `inputs`: a directory of `<id>.zip` / `<id>/` exports, or a CSV
     manifest with the columns `participant_id,path` (relative paths are taken from the
-    manifest's directory). Paths are made absolute: workers do not share our working directory."""
+    manifest's directory). Paths are made absolute: workers do not share our working directory.
+    `exclude` (the cohort's output directory, which may sit among the inputs) is skipped."""
     inputs = inputs.absolute()
     if inputs.is_file():
         return _check_ids(_read_manifest(inputs))
@@ -124,7 +125,8 @@ def discover(inputs: Path) -> list[Participant]:
     found = []
     for entry in sorted(inputs.iterdir()):
         pid = participant_id_from_name(entry.name)
-        if pid is None or not (entry.is_dir() or (entry.is_file() and entry.name.lower().endswith(".zip"))):
+        if pid is None or entry == exclude or not (
+                entry.is_dir() or (entry.is_file() and entry.name.lower().endswith(".zip"))):
             continue
         found.append(Participant(pid, entry))
     return _check_ids(found)
@@ -235,8 +237,8 @@ def run_cohort(inputs: Path, out: Path, *, mode: Mode = "share", workers: int | 
         raise UsageError("--workers sizes the local cluster; with --scheduler the cluster decides")
     if workers is not None and workers < 1:
         raise UsageError("--workers must be at least 1")
-    participants = discover(inputs)
     cohort = CohortLayout(out.absolute())
+    participants = discover(inputs, exclude=cohort.out)
     cohort.participants.mkdir(parents=True, exist_ok=True)
     with StateLock(cohort.out):
         remove_orphan_tmp_dirs(cohort.out)
