@@ -176,6 +176,7 @@ def _all_parquet_text(root: Path) -> str:
 
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory):
+    import dask
     from distributed import LocalCluster
 
     base = tmp_path_factory.mktemp("cohort")
@@ -192,7 +193,8 @@ def scenario(tmp_path_factory):
 
     cli = Cli(base)
     out = base / "out"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with dask.config.set({"distributed.worker.daemon": False}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         first = cli("cohort", "run", "--inputs", "inputs", "--out", "out", "--scheduler",
                     cluster.scheduler_address, "--progress", "never")
 
@@ -446,3 +448,31 @@ def test_removed_and_readded_records_reach_the_pool_as_in_the_own_warehouse(tmp_
     assert readds.fetchall() == [(2,)]
     # Publishing again changes nothing.
     assert {p.status for p in cohort.publish_participant(pool, "M1")} == {"already_published"}
+
+
+# --------------------------------------------------------------------------- exports large enough to parse in a pool
+
+
+@pytest.mark.slow
+def test_a_large_export_parses_in_its_pool_inside_a_dask_worker(tmp_path, cli):
+    """Above export.IN_PROCESS_BELOW `run all` starts a process pool: the CLI's workers
+    must not be daemonic (a daemonic process may not have children)."""
+    from healthdelta import export
+
+    made = generate_export(tmp_path / "gen", seed=3, target_bytes=export.IN_PROCESS_BELOW + (2 << 20))
+    (tmp_path / "inputs").mkdir()
+    _place(made, tmp_path / "inputs" / "L1")
+    proc = cli("cohort", "run", "--inputs", "inputs", "--out", "out", "--workers", "1", check=True)
+    assert _lines(proc.stdout)["L1"]["status"] == "created"
+
+
+@pytest.mark.slow
+def test_a_daemonic_external_worker_fails_with_the_fix_in_the_reason(tmp_path, cli):
+    from distributed import LocalCluster
+
+    (tmp_path / "inputs").mkdir()
+    _place(_export(tmp_path / "gen", seed=4), tmp_path / "inputs" / "D1")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        proc = cli("cohort", "run", "--inputs", "inputs", "--out", "out", "--scheduler", cluster.scheduler_address)
+    assert assert_one_error_line(proc) == "error: 1 of 1 participant(s) failed: D1"
+    assert _lines(proc.stdout)["D1"]["reason"] == cohort.DAEMON_WORKER

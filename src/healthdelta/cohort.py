@@ -32,6 +32,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import multiprocessing
 import os
 import re
 import time
@@ -54,6 +55,9 @@ Status = Literal["created", "no_changes", "failed"]
 SUMMARY_SCHEMA_VERSION = 1
 PROGRESS_STAGE = "participants"
 CONNECT_TIMEOUT = "30s"  # to reach an existing scheduler
+# `run all` parses large exports in a process pool, which a daemonic process may not start.
+DAEMON_WORKER = ("the Dask worker runs as a daemon process, which cannot start the parse workers; "
+                 "start the workers with DASK_DISTRIBUTED__WORKER__DAEMON=False")
 
 # participant id -> the progress callback its task reports to, called inside the worker
 # (picklable: Dask ships it). The CLI's test-only fault hook is one.
@@ -179,6 +183,8 @@ def process_participant(participant: Participant, out: str, mode: Mode,
     cohort = CohortLayout(Path(out))
     layout = cohort.participant(participant.id)
     try:
+        if multiprocessing.current_process().daemon:
+            raise StateError(DAEMON_WORKER)
         result = pipeline.run_all(pipeline.PipelineOptions(input=participant.input, layout=layout, mode=mode),
                                   progress)
         published = publish_participant(cohort, participant.id, progress)
@@ -251,9 +257,13 @@ def run_cohort(inputs: Path, out: Path, *, mode: Mode = "share", workers: int | 
 def _run_on_dask(participants: list[Participant], cohort: CohortLayout, mode: Mode, workers: int | None,
                  scheduler: str | None, task_progress: TaskProgress | None,
                  progress: ProgressFn) -> tuple[ParticipantResult, ...]:
+    import dask
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
+    # For the whole process, not a `with` block: the nanny reads it again when it restarts
+    # a worker that died.
+    dask.config.set({"distributed.worker.daemon": False})
     try:
         if scheduler is None:
             # Dask's own log lines stay off stderr: the outcome of every task is in our result.
