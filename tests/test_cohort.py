@@ -97,6 +97,11 @@ def test_failure_reasons_never_carry_paths_or_values():
     assert cohort.failure_reason(ValueError("Jane Doe 1961-04-07")) == "internal error (ValueError)"
 
 
+def test_default_workers_one_per_two_cores():
+    assert [cohort.default_workers(10, cores) for cores in (1, 2, 3, 8, 64)] == [1, 1, 1, 4, 10]
+    assert cohort.default_workers(3, 1) == 1
+
+
 def test_cohort_workers_and_scheduler_exclude_each_other(tmp_path):
     with pytest.raises(UsageError, match="--workers"):
         cohort.run_cohort(tmp_path, tmp_path / "out", workers=2, scheduler="tcp://127.0.0.1:1")

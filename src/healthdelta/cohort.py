@@ -254,6 +254,11 @@ def run_cohort(inputs: Path, out: Path, *, mode: Mode = "share", workers: int | 
     return CohortResult(results=results, db=db)
 
 
+def default_workers(participants: int, cores: int | None = None) -> int:
+    """One worker per two cores (a task parses with two processes), at most one per participant."""
+    return max(1, min(participants, (cores or os.cpu_count() or 2) // 2))
+
+
 def _run_on_dask(participants: list[Participant], cohort: CohortLayout, mode: Mode, workers: int | None,
                  scheduler: str | None, task_progress: TaskProgress | None,
                  progress: ProgressFn) -> tuple[ParticipantResult, ...]:
@@ -267,7 +272,7 @@ def _run_on_dask(participants: list[Participant], cohort: CohortLayout, mode: Mo
     try:
         if scheduler is None:
             # Dask's own log lines stay off stderr: the outcome of every task is in our result.
-            cluster = LocalCluster(n_workers=workers or min(len(participants), os.cpu_count() or 1),
+            cluster = LocalCluster(n_workers=workers or default_workers(len(participants)),
                                    threads_per_worker=1, processes=True, dashboard_address=None,
                                    silence_logs=logging.CRITICAL)
             client = Client(cluster)

@@ -66,7 +66,7 @@ def cohort_group() -> None:
 @click.option("--mode", type=click.Choice(["share", "local"]), default="share", show_default=True,
               help="share: every export is de-identified before anything is pooled.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Worker processes of the local Dask cluster (default: one per core).")
+              help="Worker processes of the local Dask cluster (default: one per two cores).")
 @click.option("--scheduler", default=None,
               help="Address of an existing Dask scheduler, e.g. tcp://host:8786, instead of a local cluster.")
 @global_options
