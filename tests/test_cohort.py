@@ -473,10 +473,12 @@ def test_a_large_export_parses_in_its_pool_inside_a_dask_worker(tmp_path, cli):
 
 @pytest.mark.slow
 def test_a_daemonic_external_worker_fails_with_the_fix_in_the_reason(tmp_path, cli):
+    import dask
     from distributed import LocalCluster
 
     (tmp_path / "inputs").mkdir()
     _place(_export(tmp_path / "gen", seed=4), tmp_path / "inputs" / "D1")
+    assert dask.config.get("distributed.worker.daemon") is True  # Dask's default, left as it was by cohorts
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         proc = cli("cohort", "run", "--inputs", "inputs", "--out", "out", "--scheduler", cluster.scheduler_address)
     assert assert_one_error_line(proc) == "error: 1 of 1 participant(s) failed: D1"

@@ -263,12 +263,20 @@ def _run_on_dask(participants: list[Participant], cohort: CohortLayout, mode: Mo
                  scheduler: str | None, task_progress: TaskProgress | None,
                  progress: ProgressFn) -> tuple[ParticipantResult, ...]:
     import dask
+    import distributed  # noqa: F401 - loads its config defaults, which the `set` below must not pre-empt
+
+    # Local workers must not be daemonic (see DAEMON_WORKER). The nanny reads this each time
+    # it (re)starts a worker, so it is set for the cluster's whole life, and no longer.
+    with dask.config.set({"distributed.worker.daemon": False}):
+        return _run_on_cluster(participants, cohort, mode, workers, scheduler, task_progress, progress)
+
+
+def _run_on_cluster(participants: list[Participant], cohort: CohortLayout, mode: Mode, workers: int | None,
+                    scheduler: str | None, task_progress: TaskProgress | None,
+                    progress: ProgressFn) -> tuple[ParticipantResult, ...]:
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
-    # For the whole process, not a `with` block: the nanny reads it again when it restarts
-    # a worker that died.
-    dask.config.set({"distributed.worker.daemon": False})
     try:
         if scheduler is None:
             # Dask's own log lines stay off stderr: the outcome of every task is in our result.
