@@ -116,6 +116,16 @@ def test_unreachable_or_malformed_scheduler_is_one_clear_error(tmp_path, monkeyp
         cohort.run_cohort(tmp_path / "in", tmp_path / "out", scheduler="tcp://127.0.0.1:1")
 
 
+def test_cli_errors_are_one_line(cli, tmp_path):
+    assert assert_one_error_line(cli("cohort", "status", "--out", "nothing-here")) == \
+        "error: there is no cohort in that directory; `healthdelta cohort run` makes one"
+    (tmp_path / "empty").mkdir()
+    assert assert_one_error_line(cli("cohort", "run", "--inputs", "empty", "--out", "o"), 2).startswith(
+        "error: the cohort inputs hold no export")
+    assert assert_one_error_line(cli("export", "parquet", "--db", "none.duckdb", "--out", "pq")) == \
+        "error: the warehouse holds no run yet; `healthdelta run all` loads one"
+
+
 # --------------------------------------------------------------------------- helpers
 
 
