@@ -1,3 +1,13 @@
-"""HealthDelta: Apple Health exports as a private, versioned, queryable health record."""
+"""HealthDelta: Apple Health exports as a private, versioned, queryable health record.
+
+Python API (docs/api.md): `healthdelta.open(path)` returns a read-only `Warehouse`.
+"""
 
 __version__ = "0.1.0"
+
+
+def open(path):  # noqa: A001 - `hd.open` is the API's name
+    """Open a warehouse or cohort database read-only; see `healthdelta.api`."""
+    from healthdelta import api  # DuckDB is imported on first use only, not by `--version`
+
+    return api.open(path)

@@ -15,7 +15,7 @@ import click
 
 from healthdelta.cli.options import cli
 from healthdelta.cli import (  # noqa: F401  (registers the commands)
-    commands_doctor, commands_export, commands_identity, commands_run, commands_warehouse,
+    commands_cohort, commands_doctor, commands_export, commands_identity, commands_run, commands_warehouse,
 )
 from healthdelta.errors import HealthDeltaError
 

@@ -1,4 +1,4 @@
-"""`export ndjson|validate|profile`."""
+"""`export ndjson|validate|profile|parquet`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from healthdelta import pipeline, profile, validate
+from healthdelta import parquet, pipeline, profile, validate
 from healthdelta.cli.options import cli, global_options, make_progress
 from healthdelta.errors import UsageError
 from healthdelta.fsutil import atomic_write_json
@@ -97,3 +97,27 @@ def export_profile(ctx, input_path, out):
     click.echo(f"profile={(out / 'profile.json').as_posix()}")
     click.echo(f"files={prof['files']['count']}")
     click.echo(f"rows={sum(prof['rows_by_stream'].values())}")
+
+
+@export_group.command("parquet")
+@click.option("--db", "db_path", type=click.Path(path_type=Path), default=Path("data/warehouse.duckdb"),
+              show_default=True, help="The warehouse file.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Dataset directory: <out>/<table>/run=<run_id>/part-0.parquet.")
+@click.option("--run", "run_id", default=None, help="Only this run (id or unique prefix); default every loaded run.")
+@global_options
+@click.pass_context
+def export_parquet(ctx, db_path, out, run_id):
+    """Write the warehouse as Hive-partitioned Parquet, one partition per run and table (runs written before are kept).
+
+    Example: healthdelta export parquet --db data/warehouse.duckdb --out data/parquet
+    """
+    progress = make_progress(ctx)
+    try:
+        results = parquet.export_warehouse(db_path, out, run_id, progress)
+    finally:
+        progress.close()
+    click.echo(f"parquet={out.as_posix()}")
+    click.echo(f"runs_written={sum(1 for r in results if r.status == 'published')}")
+    click.echo(f"runs_already_written={sum(1 for r in results if r.status == 'already_published')}")
+    click.echo(f"rows={sum(r.stream_rows for r in results)}")
