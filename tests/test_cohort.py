@@ -78,16 +78,16 @@ def test_bad_manifests_are_usage_errors_without_values(tmp_path, text, message):
     assert "Jane" not in str(info.value)
 
 
-def test_participant_scoped_views_group_by_participant_first():
-    sql = ("SELECT o.canonical_person_id, x FROM t o "
-           "WINDOW w AS (PARTITION BY canonical_person_id, local_hour)")
-    assert cohort.participant_scoped(sql) == (
-        "SELECT o.participant_id, o.canonical_person_id, x FROM t o "
-        "WINDOW w AS (PARTITION BY participant_id, canonical_person_id, local_hour)")
-    for ddl in warehouse.VIEWS.values():  # every person column of every view gets its participant
-        scoped = cohort.participant_scoped(ddl)
-        assert scoped.count("canonical_person_id") == ddl.count("canonical_person_id")
-        assert scoped.count("participant_id") == ddl.count("canonical_person_id")
+def test_public_views_split_the_participant_off_again():
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA pool")
+    con.execute("CREATE VIEW pool.v AS SELECT * FROM (VALUES ('P01/patient-1', 'P01/k1', 3), ('P02/', 'P02/k2', 4),"
+                " (NULL, 'P03/k3', 5)) AS t(canonical_person_id, record_key, n)")
+    con.execute(cohort.public_view("v", con.table("pool.v").columns))
+    assert con.sql("SELECT * FROM main.v").fetchall() == [
+        ("P01", "patient-1", "P01/k1", 3), ("P02", None, "P02/k2", 4), ("P03", None, "P03/k3", 5)]
+    con.execute("CREATE VIEW pool.c AS SELECT 1 AS factor")  # constant: nothing to split
+    assert cohort.public_view("c", ["factor"]) == "CREATE VIEW main.c AS SELECT * FROM pool.c"
 
 
 def test_failure_reasons_never_carry_paths_or_values():
@@ -284,7 +284,8 @@ def test_cohort_views_equal_each_participants_own_warehouse(scenario):
     with hd.open(scenario.out) as pooled:
         assert pooled.path.name == "cohort.duckdb"
         for name in (*STREAMS, "runs", "record_removals", *warehouse.VIEWS):  # the warehouse's names ...
-            assert "participant_id" in pooled.view(name).columns, name  # ... each with its participant
+            if name != "unit_conversions":  # ... each with its participant, but the constant table
+                assert "participant_id" in pooled.view(name).columns, name
         for pid in GOOD:
             with hd.open(scenario.out / "participants" / pid) as own:
                 for view in NUMERIC_VIEWS:

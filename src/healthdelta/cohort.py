@@ -34,7 +34,6 @@ import json
 import logging
 import multiprocessing
 import os
-import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -336,25 +335,31 @@ def summary(results: tuple[ParticipantResult, ...], mode: Mode) -> dict:
 
 # --------------------------------------------------------------------------- cohort.duckdb
 
-_PERSON = re.compile(r"\b(\w+\.)?canonical_person_id\b")
+# The warehouse's views are created unchanged in the schema `pool`, over base views whose
+# person ids and record keys are qualified by participant (`P01/patient-1`): person ids
+# such as `patient-1` repeat across participants, so every view then groups by
+# participant without its SQL being rewritten. `main` holds one view per name that splits
+# the participant off again, so rows read as in the participant's own warehouse.
+POOL = "pool"
 
 
-def participant_scoped(view_sql: str) -> str:
-    """A single-person view made cohort-wide: every `canonical_person_id` it selects or
-    partitions by is preceded by `participant_id` (person ids such as `patient-1` repeat
-    across participants; their record keys are already qualified by the base views)."""
-    return _PERSON.sub(lambda m: f"{m[1] or ''}participant_id, {m[1] or ''}canonical_person_id", view_sql)
-
-
-_VIEW_DDL = re.compile(r"\s*CREATE OR REPLACE VIEW (\w+) AS\s+(.*)", re.DOTALL)
-
-
-def with_participant_column(view_sql: str) -> str:
-    """A view without person columns (`removed_records`, `record_history`) gets its
-    `participant_id` from its qualified record keys (`<participant_id>/<record_key>`)."""
-    name, body = _VIEW_DDL.fullmatch(view_sql).groups()
-    return (f"CREATE OR REPLACE VIEW {name} AS SELECT split_part(q.record_key, '/', 1) AS participant_id, q.* "
-            f"FROM ({body}) AS q")
+def public_view(name: str, columns: list[str]) -> str:
+    """`main.<name>` over `pool.<name>`: `participant_id` first, person ids as the
+    participant's own warehouse has them, record keys left qualified (they are only
+    unique within a participant)."""
+    sources = []
+    if "canonical_person_id" in columns:
+        sources.append("split_part(q.canonical_person_id, '/', 1)")
+    if "record_key" in columns:
+        sources.append("split_part(q.record_key, '/', 1)")
+    if "participant_id" in columns or not sources:
+        return f"CREATE VIEW main.{name} AS SELECT * FROM {POOL}.{name}"
+    participant = sources[0] if len(sources) == 1 else f"COALESCE({', '.join(sources)})"
+    replace = ""
+    if "canonical_person_id" in columns:
+        replace = (" REPLACE (NULLIF(substr(q.canonical_person_id, strpos(q.canonical_person_id, '/') + 1), '') "
+                   "AS canonical_person_id)")
+    return f"CREATE VIEW main.{name} AS SELECT {participant} AS participant_id, q.*{replace} FROM {POOL}.{name} AS q"
 
 
 def _reader(root: Path, table: str) -> str:
@@ -369,16 +374,18 @@ def _published(alias: str) -> str:
 
 
 def base_views(root: Path) -> list[str]:
-    """The warehouse's tables as views over the dataset: published runs only, with `participant_id`."""
+    """The warehouse's tables as views over the dataset, in the current schema: published
+    runs only; record keys and person ids qualified by participant."""
     ddl = [f"CREATE VIEW runs AS SELECT r.* EXCLUDE (participant, run), r.participant AS participant_id "
            f"FROM {_reader(root, 'runs')} AS r"]
-    ddl += [f"CREATE VIEW {s} AS SELECT s.* EXCLUDE (participant, run, record_key), "
-            f"s.participant AS participant_id, s.participant || '/' || s.record_key AS record_key "
+    ddl += [f"CREATE VIEW {s} AS SELECT s.* EXCLUDE (participant, run, record_key) "
+            f"REPLACE (s.participant || '/' || COALESCE(s.canonical_person_id, '') AS canonical_person_id), "
+            f"s.participant || '/' || s.record_key AS record_key "
             f"FROM {_reader(root, s)} AS s WHERE {_published('s')}" for s in STREAMS]
     ddl.append(
         f"CREATE VIEW record_removals AS "
         f"SELECT m.participant || '/' || m.record_key AS record_key, m.stream, m.removed_in_run, "
-        f"a.readded_in_run, m.participant AS participant_id "
+        f"a.readded_in_run "
         f"FROM {_reader(root, 'record_removals')} AS m "
         f"LEFT JOIN (SELECT * FROM {_reader(root, 'record_readds')} AS a WHERE {_published('a')}) AS a "
         f"ON a.participant = m.participant AND a.record_key = m.record_key AND a.stream = m.stream "
@@ -396,14 +403,18 @@ def build_cohort_db(cohort: CohortLayout) -> Path | None:
     con = duckdb.connect(str(tmp))
     try:
         con.execute("SET TimeZone = 'UTC'")
+        con.execute(f"CREATE SCHEMA {POOL}")
+        con.execute(f"SET schema = '{POOL}'")
         for ddl in base_views(cohort.parquet):
             con.execute(ddl)
-        for ddl in warehouse._MACROS:  # the single-person warehouse's own macros and views
+        # Participants' own source orders stay in their own warehouses: the pool ranks
+        # sources by the default order (docs/runbook_cohort.md).
+        warehouse.ensure_source_priority(con)
+        for ddl in (*warehouse._MACROS, *warehouse.VIEWS.values()):  # the warehouse's own, unchanged
             con.execute(ddl)
-        for name, ddl in warehouse.VIEWS.items():
-            con.execute(participant_scoped(ddl))
-            if "participant_id" not in con.table(name).columns:
-                con.execute(with_participant_column(ddl))
+        con.execute("SET schema = 'main'")
+        for name in (*STREAMS, "runs", "record_removals", *warehouse.VIEWS):
+            con.execute(public_view(name, con.table(f"{POOL}.{name}").columns))
         con.execute("CHECKPOINT")
     except duckdb.Error as exc:
         raise HealthDeltaError(f"cohort.duckdb could not be built ({type(exc).__name__})") from exc
@@ -421,8 +432,10 @@ def cohort_status(out: Path) -> dict:
     cohort = CohortLayout(out)
     if not cohort.participants.is_dir():
         raise InputError("there is no cohort in that directory; `healthdelta cohort run` makes one")
-    people = sorted(p.name for p in cohort.participants.iterdir() if parquet.is_partition_value(p.name))
-    per: dict[str, dict] = {p: {"runs": 0, "rows": 0} for p in people}
+    last = json.loads(cohort.summary.read_text(encoding="utf-8")) if cohort.summary.is_file() else {}
+    # A participant whose first export failed has no directory (a failed run leaves none).
+    people = {p.name for p in cohort.participants.iterdir() if parquet.is_partition_value(p.name)}
+    per: dict[str, dict] = {p: {"runs": 0, "rows": 0} for p in sorted(people | set(last.get("participants", {})))}
     if cohort.db.is_file():
         with api.open(cohort.db) as wh:
             for pid, runs in wh.sql("SELECT participant_id, count(*) FROM runs GROUP BY ALL").fetchall():
@@ -430,8 +443,5 @@ def cohort_status(out: Path) -> dict:
             union = " UNION ALL ".join(f"SELECT participant_id FROM {s}" for s in STREAMS)
             for pid, rows in wh.sql(f"SELECT participant_id, count(*) FROM ({union}) GROUP BY ALL").fetchall():
                 per[pid]["rows"] = rows
-    last = {}
-    if cohort.summary.is_file():
-        last = json.loads(cohort.summary.read_text(encoding="utf-8"))
     failures = {pid: last["participants"][pid].get("reason") for pid in last.get("failed", [])}
     return {"participants": per, "failures": failures, "mode": last.get("mode")}

@@ -775,14 +775,19 @@ def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
             con.execute(_stream_ddl(stream))
         con.execute("INSERT INTO warehouse_meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
     if _meta(con, "views_version") != str(VIEWS_VERSION):
-        con.execute("CREATE TABLE IF NOT EXISTS source_priority (position INTEGER NOT NULL, entry VARCHAR NOT NULL)")
-        if not con.execute("SELECT count(*) FROM source_priority").fetchone()[0]:
-            _write_priority(con, sources.DEFAULT_PRIORITY)
+        ensure_source_priority(con)
         for ddl in _MACROS:
             con.execute(ddl)
         for ddl in VIEWS.values():
             con.execute(ddl)
         con.execute("INSERT OR REPLACE INTO warehouse_meta VALUES ('views_version', ?)", [str(VIEWS_VERSION)])
+
+
+def ensure_source_priority(con: duckdb.DuckDBPyConnection) -> None:
+    """The table the views rank sources by, holding the default order unless one was stored."""
+    con.execute("CREATE TABLE IF NOT EXISTS source_priority (position INTEGER NOT NULL, entry VARCHAR NOT NULL)")
+    if not con.execute("SELECT count(*) FROM source_priority").fetchone()[0]:
+        _write_priority(con, sources.DEFAULT_PRIORITY)
 
 
 def _write_priority(con: duckdb.DuckDBPyConnection, entries: Iterable[str]) -> None:
