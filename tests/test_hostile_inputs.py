@@ -305,11 +305,9 @@ def test_duplicate_attributes_are_an_error(tmp_path, out):
     xml = _records_xml(export).replace('<Record type="HKQuantityTypeIdentifierStepCount"',
                                        '<Record type="Other" type="HKQuantityTypeIdentifierStepCount"', 1)
     (export / "export.xml").write_text(xml)
-    run_case(tmp_path, out, export, "error", "export.xml is")  # wording: see the xfail below
+    run_case(tmp_path, out, export, "error", "export.xml is")  # wording: see the test below
 
 
-@pytest.mark.xfail(strict=True, reason="parse/healthkit.py: a syntax error in the last (or only) chunk is "
-                                       "reported as 'truncated' (reported to the lead, issue 6)")
 def test_duplicate_attribute_message_does_not_say_truncated(tmp_path, out):
     export = export_tree(tmp_path)
     xml = _records_xml(export).replace('<Record type="HKQuantityTypeIdentifierStepCount"',

@@ -293,6 +293,11 @@ def _regex_chunk(buf: str, pos: int, cur: _Cursor, report: ParseReport, is_last:
 
 # --------------------------------------------------------------------------- tier 3: lxml
 
+# libxml2's errors that a file cut short (or padded with zeros after a crash) gives; any
+# other error in the last piece, such as an attribute given twice, is malformed XML.
+_CUT_OFF = ("ERR_DOCUMENT_END", "ERR_INVALID_CHAR", "ERR_GT_REQUIRED", "ERR_LTSLASH_REQUIRED",
+            "ERR_TAG_NOT_FINISHED", "ERR_ATTRIBUTE_NOT_FINISHED", "ERR_LITERAL_NOT_FINISHED")
+
 _LXML_SLICE = 1 << 14
 
 
@@ -359,7 +364,7 @@ def _slow_nodes(texts: Iterable[str], cur: _Cursor, report: ParseReport, byte_po
 
     last_text = ""
     texts = iter(texts)
-    failed = False
+    failed: int | None = None  # libxml2's error code
     for text in texts:
         data = text.encode("utf-8")
         if text.strip(_WS):
@@ -368,23 +373,23 @@ def _slow_nodes(texts: Iterable[str], cur: _Cursor, report: ParseReport, byte_po
         for i in range(0, len(data), _LXML_SLICE):
             try:
                 parser.feed(data[i:i + _LXML_SLICE])
-            except etree.XMLSyntaxError:
-                failed = True
+            except etree.XMLSyntaxError as exc:
+                failed = exc.code
             before = cur.elements
             yield from drain()  # events before an error are still delivered
             if cur.elements != before:
                 cur.byte_pos = byte_pos + min(i + _LXML_SLICE, len(data))
-            if failed:
+            if failed is not None:
                 break
-        if failed:
+        if failed is not None:
             break
         byte_pos += len(data)
-    if failed:
+    if failed is not None:
         if cur.root_closed:
             report.repairs["trailing_content_ignored"] += 1
             return
-        if cur.final and next(texts, None) is None:
-            raise cur.truncated()  # the error is in the last piece: a cut-off file
+        if cur.final and next(texts, None) is None and failed in {getattr(etree.ErrorTypes, n) for n in _CUT_OFF}:
+            raise cur.truncated()  # the data stops (or turns to zeros) in the last piece: a cut-off file
         raise cur.malformed()
     if cur.final:
         if not cur.root_closed:
