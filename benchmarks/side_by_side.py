@@ -311,13 +311,11 @@ def install_peer(peer: Peer, peers_dir: Path) -> tuple[Path, str]:
 def peer_sample(peer: Peer, bin_dir: Path, zip_path: Path, work: Path, timeout_s: float) -> tuple[Sample, str]:
     data = fresh(work / "peer-data" / peer.name)
     tmp = fresh(data / "tmp")
-    argv, env = peer.command(bin_dir, zip_path, data)
-    env = {**env, "TMPDIR": str(tmp), "XDG_DATA_HOME": str(data), "XDG_CACHE_HOME": str(data),
+    argv, peer_env = peer.command(bin_dir, zip_path, data)
+    env = {**peer_env, "TMPDIR": str(tmp), "XDG_DATA_HOME": str(data), "XDG_CACHE_HOME": str(data),
            "XDG_CONFIG_HOME": str(data)}
     sample = measure(argv, data, timeout_s, env)
-    shown = " ".join([*(f"{k}={v}" for k, v in env.items() if k not in ("TMPDIR",) and not k.startswith("XDG")),
-                      *argv])
-    return with_out_bytes(sample, data), shown
+    return with_out_bytes(sample, data), " ".join([*(f"{k}={v}" for k, v in peer_env.items()), *argv])
 
 
 # --------------------------------------------------------------------------- collecting
