@@ -16,26 +16,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from _common import fresh, median, run_cli
+from _common import etree_baseline, fresh, median, run_cli
 
 from healthdelta.synth import generate_export
-
-
-def etree_baseline(xml: Path) -> float:
-    """Seconds for a bare ElementTree iterparse of the body (what many tools start from)."""
-    start = time.perf_counter()
-    with open(xml, "rb") as fh:
-        head = fh.read(1 << 20)
-        body_at = head.index(b"<HealthData")
-        fh.seek(body_at)
-        for _, elem in ET.iterparse(fh, events=("end",)):
-            if elem.tag in ("Record", "Workout", "Correlation", "ActivitySummary", "ClinicalRecord"):
-                elem.clear()
-    return time.perf_counter() - start
 
 
 def bench_size(work: Path, size_mb: int, repeat: int) -> None:
