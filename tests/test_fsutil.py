@@ -31,9 +31,9 @@ def test_workdir_removed_on_failure_and_commits(tmp_path):
 
 
 def test_orphans_removed(tmp_path):
-    (tmp_path / ".tmp-ingest-123").mkdir()
+    (tmp_path / ".tmp-ingest-999999999").mkdir()
     (tmp_path / "keep").mkdir()
-    assert remove_orphan_tmp_dirs(tmp_path) == [".tmp-ingest-123"]
+    assert remove_orphan_tmp_dirs(tmp_path) == [".tmp-ingest-999999999"]
     assert [c.name for c in tmp_path.iterdir()] == ["keep"]
 
 
@@ -44,3 +44,20 @@ def test_lock_is_exclusive(tmp_path):
                 pass
     with StateLock(tmp_path):
         pass
+
+
+def test_orphan_cleanup_spares_a_live_writer(tmp_path):
+    """One policy with `doctor --repair`: a `.tmp-*` whose process still runs is not an orphan."""
+    import subprocess
+    import sys
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / f".tmp-warehouse.duckdb-{live.pid}").write_bytes(b"")
+        (tmp_path / ".tmp-ingest-999999999").mkdir()
+        assert remove_orphan_tmp_dirs(tmp_path) == [".tmp-ingest-999999999"]
+        assert (tmp_path / f".tmp-warehouse.duckdb-{live.pid}").exists()
+    finally:
+        live.kill()
+        live.wait()
+    assert remove_orphan_tmp_dirs(tmp_path) == [f".tmp-warehouse.duckdb-{live.pid}"]

@@ -453,3 +453,18 @@ def test_duckdb_resources_are_bounded(tmp_path, monkeypatch):
     monkeypatch.setenv(warehouse.MEMORY_LIMIT_ENV, "lots; DROP TABLE runs")
     with pytest.raises(UsageError):
         warehouse.connect(db)
+
+
+def test_cli_build_waits_for_the_state_lock(tmp_path, three_runs):
+    """`run all` writes the warehouse under the state lock: `duckdb build --replace` (which
+    renames a new file over it) must not run beside it."""
+    from healthdelta.fsutil import StateLock
+
+    db = tmp_path / "w.duckdb"
+    build = [*CLI, "duckdb", "build", "--input", str(three_runs.out / "ndjson"), "--db", str(db), "--replace"]
+    with StateLock(three_runs.out / "state"):
+        proc = subprocess.run(build, capture_output=True, text=True)
+    assert proc.returncode == 1 and not db.exists()
+    assert proc.stderr == "error: another healthdelta command is using this state directory; " \
+                          "try again when it has finished\n"
+    assert subprocess.run(build, capture_output=True, text=True).returncode == 0 and db.is_file()

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from healthdelta import identity, ingest, registry
 from healthdelta.errors import HealthDeltaError, StateError
-from healthdelta.fsutil import BLOCK, TMP_PREFIX, StateLock
+from healthdelta.fsutil import BLOCK, TMP_PREFIX, StateLock, tmp_owner_alive
 from healthdelta.layout import OutLayout
 from healthdelta.progress import ProgressFn, no_progress
 
@@ -295,7 +295,7 @@ def _check_orphans(layout: OutLayout, reg: registry.Registry | None, out: list[F
             where = f"{label}/{name}" if label else name
             if name.startswith(TMP_PREFIX):
                 found = True
-                if _owner_alive(name):
+                if tmp_owner_alive(name):
                     # e.g. a warehouse build that does not take the state lock
                     out.append(Finding("warn", "tmp_in_use", where, "its process is still running"))
                 else:
@@ -315,22 +315,6 @@ def _check_orphans(layout: OutLayout, reg: registry.Registry | None, out: list[F
                                        "not in the registry", removable=True, path=child))
     if not found:
         out.append(Finding("ok", "orphans", "none"))
-
-
-def _owner_alive(tmp_name: str) -> bool:
-    """Every temporary name ends in `-<pid>` of the process writing it."""
-    pid_text = tmp_name.rsplit("-", 1)[-1].split(".", 1)[0]
-    if not pid_text.isdigit() or int(pid_text) in (0, os.getpid()):
-        return False
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OverflowError:
-        return False
-    return True
 
 
 def _complete_staged_run(run_dir: Path) -> bool:
@@ -441,7 +425,7 @@ def remove_orphans(layout: OutLayout, findings: tuple[Finding, ...]) -> tuple[st
         path = f.path
         if path.parent not in allowed_parents:
             continue
-        if not ((path.name.startswith(TMP_PREFIX) and not _owner_alive(path.name))
+        if not ((path.name.startswith(TMP_PREFIX) and not tmp_owner_alive(path.name))
                 or (reg is not None and path.parent.name in RUN_DIR_PARENTS and _RUN_ID.fullmatch(path.name)
                     and reg.get(path.name) is None)):
             continue

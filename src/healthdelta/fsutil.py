@@ -105,16 +105,33 @@ class WorkDir:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-def remove_orphan_tmp_dirs(parent: Path) -> list[str]:
-    """Remove leftovers of interrupted runs (`.tmp-*`) in `parent`; returns their names.
+def tmp_owner_alive(tmp_name: str) -> bool:
+    """Whether the process that is writing a `.tmp-*` entry still runs: every temporary
+    name ends in `-<pid>` of its writer (a suffix such as `.wal` may follow)."""
+    pid_text = tmp_name.rsplit("-", 1)[-1].split(".", 1)[0]
+    if not pid_text.isdigit() or int(pid_text) in (0, os.getpid()):
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
-    Only called while holding the state lock, so no live process owns them.
+
+def remove_orphan_tmp_dirs(parent: Path) -> list[str]:
+    """Remove leftovers of interrupted commands (`.tmp-*`) in `parent`; returns their names.
+
+    Called while holding the state lock, but not every writer takes it (`export ndjson`
+    to a folder of one's own, a warehouse built elsewhere), so an entry whose writer still
+    runs is spared, as `doctor --repair` spares it.
     """
     removed: list[str] = []
     if not parent.is_dir():
         return removed
     for child in sorted(parent.iterdir()):
-        if child.name.startswith(TMP_PREFIX):
+        if child.name.startswith(TMP_PREFIX) and not tmp_owner_alive(child.name):
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -9,9 +10,9 @@ from pathlib import Path
 import click
 
 from healthdelta import registry, report, sources, units, warehouse
-from healthdelta.cli.options import cli, global_options, make_progress, notice
+from healthdelta.cli.options import cli, global_options, lock_timeout_option, make_progress, notice
 from healthdelta.errors import UsageError
-from healthdelta.fsutil import WorkDir, json_bytes, publish_file
+from healthdelta.fsutil import StateLock, WorkDir, json_bytes, publish_file
 
 
 @cli.group("duckdb")
@@ -46,9 +47,10 @@ def _registry_entries(state: Path) -> dict[str, dict]:
 @click.option("--source-priority", "priority_path", type=click.Path(path_type=Path), default=None,
               help="JSON file ordering the sources, most trusted first (default <state>/source_priority.json, "
                    "if present; else manual, watch, phone, other).")
+@lock_timeout_option
 @global_options
 @click.pass_context
-def duckdb_build(ctx, ndjson_input, db_path, replace, state, priority_path):
+def duckdb_build(ctx, ndjson_input, db_path, replace, state, priority_path, lock_timeout):
     """Load the NDJSON runs the warehouse lacks (parents first); loading a run twice changes nothing.
 
     Example: healthdelta duckdb build --input data/ndjson --db data/warehouse.duckdb
@@ -58,14 +60,18 @@ def duckdb_build(ctx, ndjson_input, db_path, replace, state, priority_path):
     if priority_path is None and (state / sources.FILE_NAME).is_file():
         priority_path = state / sources.FILE_NAME
     priority = sources.read_priority_file(priority_path) if priority_path is not None else None
+    # `run all` writes the same warehouse under the state lock: a build (a --replace above
+    # all, which renames a new file over it) waits its turn. No state dir: nothing to share.
+    lock = StateLock(state, lock_timeout) if state.is_dir() else contextlib.nullcontext()
     progress = make_progress(ctx)
     try:
-        result = warehouse.build(ndjson_input, db_path, replace=replace, registry_entries=entries,
-                                 progress=progress)
+        with lock:
+            result = warehouse.build(ndjson_input, db_path, replace=replace, registry_entries=entries,
+                                     progress=progress)
+            if priority is not None:
+                warehouse.set_source_priority(db_path, priority)
     finally:
         progress.close()
-    if priority is not None:
-        warehouse.set_source_priority(db_path, priority)
     unknown = sorted({f for r in result.runs for f in r.unknown_fields})
     if unknown:
         notice(ctx, f"warning: the NDJSON has fields this warehouse version does not store: {', '.join(unknown)} "
