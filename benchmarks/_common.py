@@ -33,6 +33,7 @@ class Measured:
     wall_s: float
     peak_rss_mib: float
     stdout: str
+    cpu_s: float = 0.0  # user + system of the child and the workers it waited for: steadier than wall on a busy machine
 
 
 def run_cli(args: list[str], cwd: Path) -> Measured:
@@ -48,7 +49,7 @@ def run_cli(args: list[str], cwd: Path) -> Measured:
         err.seek(0)
         if proc.returncode != 0:
             raise SystemExit(f"benchmark command failed: {err.read().strip()}")
-        return Measured(wall, usage.ru_maxrss / 1024, out.read())
+        return Measured(wall, usage.ru_maxrss / 1024, out.read(), usage.ru_utime + usage.ru_stime)
 
 
 def median(values: list[float]) -> float:

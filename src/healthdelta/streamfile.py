@@ -26,8 +26,8 @@ from healthdelta.fsutil import TMP_PREFIX, publish_file
 
 PLAIN = ".ndjson"
 COMPRESSED = ".ndjson.zst"
-# Level 1 measured best on generated streams: ~11.7x at ~430 MB/s on one core; levels 3-6
-# were slower and compressed no better (benchmarks/bench_storage.py, docs/ndjson.md).
+# Level 1 measured best on a generated 316 MB stream: 11.7x at ~890 MB/s on one core; level 3
+# gave 10.8x at ~360 MB/s, level 6 11.5x at ~120 MB/s (docs/ndjson.md).
 LEVEL = 1
 _BUFFER = 1 << 20
 
@@ -105,8 +105,8 @@ class _ZstdSink(io.RawIOBase):
 
     def write(self, data) -> int:
         if self._cobj is None:
-            # Single-threaded on purpose: two threads did not help on two cores, and zstd's
-            # multithreaded frames differ from single-threaded ones.
+            # Single-threaded on purpose: two zstd threads were slower on two cores (~670 MB/s),
+            # and multithreaded frames differ from single-threaded ones.
             cctx = zstandard.ZstdCompressor(level=LEVEL, threads=0, write_checksum=True, write_content_size=False)
             self._cobj = cctx.compressobj()
         self._fh.write(self._cobj.compress(data))
