@@ -116,7 +116,36 @@ def synth_pair(tmp_path_factory):
     return first, second
 
 
+def stream_path(path: Path) -> Path:
+    """The stored file of the canonical stream path `<dir>/<stream>.ndjson`, in the form it has."""
+    from healthdelta import streamfile
+
+    found = streamfile.find(path.parent, streamfile.stream_name(path))
+    assert found is not None, path
+    return found
+
+
+def stream_bytes(path: Path) -> bytes:
+    """The plain canonical bytes of `<dir>/<stream>.ndjson`, however the run stores it."""
+    from healthdelta import streamfile
+
+    return streamfile.read_bytes(stream_path(path))
+
+
 def read_ndjson(path: Path) -> list[dict]:
     import orjson
 
-    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    return [orjson.loads(line) for line in stream_bytes(path).splitlines()]
+
+
+def decompress_run(ndjson_dir: Path) -> None:
+    """Turn a run's stored streams into plain `.ndjson` files: the form runs had before
+    streams were stored compressed (an old state dir)."""
+    from healthdelta import streamfile
+
+    for folder in (ndjson_dir, ndjson_dir / "added", ndjson_dir / "removed"):
+        for path in streamfile.stream_files(folder):
+            if path.name.endswith(streamfile.COMPRESSED):
+                plain = folder / streamfile.file_name(streamfile.stream_name(path), compressed=False)
+                plain.write_bytes(streamfile.read_bytes(path))
+                path.unlink()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_FIXTURE, assert_one_error_line, kv, read_ndjson
+from conftest import SHARED_FIXTURE, assert_one_error_line, decompress_run, kv, read_ndjson, stream_bytes
 
 STREAMS = ("observations", "workouts", "activity_summaries", "correlations", "clinical",
            "documents", "medications", "conditions", "ecg", "routes")
@@ -44,7 +44,7 @@ def test_counts_equal_what_was_planted(two_runs, synth_pair):
     data, a, b = two_runs
     for run, export in ((a, synth_pair[0]), (b, synth_pair[1])):
         ndjson = data.parent / run["ndjson_dir"]
-        counts = {s: len((ndjson / f"{s}.ndjson").read_bytes().splitlines()) for s in STREAMS}
+        counts = {s: len(stream_bytes(ndjson / f"{s}.ndjson").splitlines()) for s in STREAMS}
         assert counts == expected_counts(export.counts)
         rows = read_ndjson(ndjson / "observations.ndjson")
         healthkit = [r for r in rows if r["source"] == "healthkit"]
@@ -125,6 +125,7 @@ def test_validate_catches_every_error_code(cli, two_runs, tmp_path):
     data, a, _ = two_runs
     bad = tmp_path / "bad"
     shutil.copytree(data.parent / a["ndjson_dir"], bad)
+    decompress_run(bad)
     obs = bad / "observations.ndjson"
     lines = obs.read_bytes().splitlines()
     row = json.loads(lines[0])

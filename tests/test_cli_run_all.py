@@ -9,7 +9,7 @@ import subprocess
 import duckdb
 import pytest
 
-from conftest import assert_one_error_line, kv
+from conftest import assert_one_error_line, kv, stream_bytes
 from test_cli_pipeline import snapshot
 
 pytestmark = pytest.mark.slow  # every test here is a full `run all` (or the demo)
@@ -30,7 +30,7 @@ def test_run_all_two_exports_then_noop(cli, synth_pair):
     con = duckdb.connect(str(data / "warehouse.duckdb"), read_only=True)
     total, distinct = con.execute(
         "SELECT count(*), count(DISTINCT record_key) FROM observations").fetchone()
-    assert total == distinct == len((data.parent / b["ndjson_dir"] / "observations.ndjson").read_bytes().splitlines())
+    assert total == distinct == len(stream_bytes(data.parent / b["ndjson_dir"] / "observations.ndjson").splitlines())
     assert sorted(r[0] for r in con.execute("SELECT run_id FROM runs").fetchall()) == sorted(
         [a["run_id"], b["run_id"]])
     con.close()

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from healthdelta import deid, export, identity, pipeline, synth, validate
+from conftest import stream_bytes
+from healthdelta import deid, export, identity, pipeline, streamfile, synth, validate
 from healthdelta.deid import DateShift, Scrubber, birth_year, name_forms, person_offset_days
 from healthdelta.identity import PersonPII
 
@@ -124,7 +125,7 @@ def _assert_tree_clean(root: Path, pii: list[str]) -> int:
     checked = 0
     for path in sorted(root.rglob("*")):
         if path.is_file():
-            text = path.read_bytes().decode("utf-8", "replace").casefold()
+            text = streamfile.read_bytes(path).decode("utf-8", "replace").casefold()  # plain, if compressed
             for value in pii:
                 assert value.casefold() not in text, f"planted PII left in {path.relative_to(root)}"
             checked += 1
@@ -153,7 +154,7 @@ def test_share_copy_and_share_ndjson_hold_no_planted_pii(planted, tmp_path):
     _assert_tree_clean(ndjson, _pii(export_))
     findings = list(validate.validate_dir(ndjson / run_id, tuple(_pii(export_))))
     assert findings == []
-    rows = [json.loads(line) for line in (ndjson / run_id / "observations.ndjson").read_text().splitlines()]
+    rows = [json.loads(line) for line in stream_bytes(ndjson / run_id / "observations.ndjson").splitlines()]
     assert {r["canonical_person_id"] for r in rows} == {"patient-1"}
 
 

@@ -15,8 +15,8 @@ import duckdb
 import pytest
 
 import leak_corpus as corpus
-from conftest import SHARED_FIXTURE, Cli, assert_one_error_line, kv
-from healthdelta import demo, share, synth
+from conftest import SHARED_FIXTURE, Cli, assert_one_error_line, kv, stream_bytes, stream_path
+from healthdelta import demo, share, streamfile, synth
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def _texts(out: Path, procs) -> dict[str, str]:
     for folder in SHARE_FOLDERS:
         for path in sorted((out / folder).rglob("*")):
             if path.is_file():
-                data = path.read_bytes()
+                data = streamfile.read_bytes(path)  # compressed streams as their plain text
                 if path.suffix == ".html":
                     data = share.without_vendor_code(data)
                 texts[path.relative_to(out).as_posix()] = data.decode("utf-8", "replace")
@@ -183,7 +183,11 @@ def _planted_bundle(runs, tmp_path, rel: str, change) -> tuple[Path, str]:
     copy = tmp_path / "data"
     shutil.copytree(out, copy)
     path = copy / rel.format(run_id=run_id)
-    path.write_bytes(change(path.read_bytes()))
+    if streamfile.stream_name(path):  # planted in the stored stream, whichever form it has
+        with streamfile.StreamWriter(stream_path(path)) as out_file:
+            out_file.write(change(stream_bytes(path)))
+    else:
+        path.write_bytes(change(path.read_bytes()))
     return copy, run_id
 
 

@@ -17,7 +17,8 @@ import pytest
 
 duckdb = pytest.importorskip("duckdb")
 
-from healthdelta import synth, warehouse  # noqa: E402
+from conftest import stream_bytes, stream_path  # noqa: E402
+from healthdelta import streamfile, synth, warehouse  # noqa: E402
 from healthdelta.errors import HealthDeltaError, StateError, UsageError  # noqa: E402
 from healthdelta.ndjson import STREAMS  # noqa: E402
 
@@ -43,8 +44,7 @@ class Runs:
         return json.loads((self.out / "state" / "runs.json").read_text())["runs"][self.run_ids[i]]
 
     def lines(self, i: int, stream: str, sub: str = "") -> int:
-        with open(self.ndjson(i) / sub / f"{stream}.ndjson", "rb") as fh:
-            return sum(1 for _ in fh)
+        return len(stream_bytes(self.ndjson(i) / sub / f"{stream}.ndjson").splitlines())
 
 
 def make_three_runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
@@ -185,8 +185,9 @@ def test_failed_load_leaves_the_previous_warehouse_unchanged(tmp_path, three_run
     broken = tmp_path / "ndjson" / three_runs.run_ids[1]
     shutil.copytree(three_runs.ndjson(1), broken)
     # observations load first and succeed; the corrupt line sits in the last stream.
-    with open(broken / "added" / "routes.ndjson", "ab") as fh:
-        fh.write(b'{"record_key": "x", "event_time": \n')
+    routes = broken / "added" / "routes.ndjson"
+    with streamfile.StreamWriter(stream_path(routes)) as fh:
+        fh.write(stream_bytes(routes) + b'{"record_key": "x", "event_time": \n')
     with pytest.raises(HealthDeltaError) as info:
         warehouse.load_run(db, broken, three_runs.entry(1))
     assert str(tmp_path) not in str(info.value) and "record_key" not in str(info.value)
@@ -213,9 +214,8 @@ def test_schema_stores_every_ndjson_field(three_runs):
     for i in range(3):
         for stream in STREAMS:
             seen: set[str] = set()
-            with open(three_runs.ndjson(i) / f"{stream}.ndjson", "rb") as fh:
-                for line in fh:
-                    seen |= json.loads(line).keys()
+            for line in stream_bytes(three_runs.ndjson(i) / f"{stream}.ndjson").splitlines():
+                seen |= json.loads(line).keys()
             assert seen <= set(warehouse.stream_fields(stream)), (stream, seen - set(warehouse.stream_fields(stream)))
 
 

@@ -12,28 +12,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import IO, Iterable
 
+from healthdelta.errors import StateError
 from healthdelta.ndjson import IDENT, JSON_START
+from healthdelta.streamfile import StreamWriter, open_read
 
 
 def write_stream(
     lines: Iterable[bytes],
-    rows: IO[bytes],
+    rows: IO[bytes] | StreamWriter,
     index: IO[bytes],
-    added: IO[bytes],
-    removed: IO[bytes],
+    added: IO[bytes] | StreamWriter,
+    removed: IO[bytes] | StreamWriter,
     parent_rows: Path | None,
     parent_index: Path | None,
 ) -> tuple[int, int, int]:
     """Write the final stream and its index from merged spill lines, and the delta
     against the parent's stream in the same pass. Returns (rows, added, removed).
+    `parent_rows` may be either stream form (`streamfile`).
 
     A merge-join: both sides are in (sortkey, record_key) order, so each parent
     index line is read once, in step with the new stream.
     """
     n = n_added = n_removed = 0
     has_parent = parent_index is not None and parent_index.exists()
+    if has_parent and parent_rows is None:
+        raise StateError("the parent run's NDJSON has a key index but no stream file")
     p_keys = open(parent_index, "rb") if has_parent else None
-    p_rows = open(parent_rows, "rb") if has_parent else None
+    p_rows = open_read(parent_rows) if has_parent else None
     try:
         p_ident = p_keys.readline()[:-1] if p_keys else b""
         for line in lines:

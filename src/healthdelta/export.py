@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from healthdelta import streamfile
 from healthdelta.delta import write_stream
+from healthdelta.errors import UsageError
 from healthdelta.fsutil import WorkDir, atomic_write_json, fsync_dir
 from healthdelta.ndjson import STREAMS, SpillWriter, merge_stream
 from healthdelta.parse import ParseTask, iter_task, plan_tasks
@@ -50,8 +53,12 @@ def export_run(
     person_id: str,
     workers: int | None = None,
     progress: ProgressFn = no_progress,
+    compressed: bool = True,
 ) -> ExportResult:
     """Write `ndjson_parent/<run_id>/` atomically and return its counts.
+
+    Stream files are stored zstd-compressed unless `compressed` is false (`export ndjson`
+    writes the plain canonical files; `streamfile` explains the two forms).
 
     The parent's NDJSON (for the delta) is `ndjson_parent/<parent_run_id>/`; when it
     does not exist every row counts as added, as for a first run.
@@ -83,7 +90,7 @@ def export_run(
             finally:
                 # On a failure (a damaged file, Ctrl-C) do not parse the rest first.
                 pool.shutdown(wait=True, cancel_futures=True)
-        counts, delta = _merge_all(work.path, spills, parent_dir, progress)
+        counts, delta = _merge_all(work.path, spills, parent_dir, progress, compressed)
         for p in spill_dir.iterdir():
             p.unlink()
         spill_dir.rmdir()
@@ -106,6 +113,36 @@ def export_run(
     return result
 
 
+def plain_copy(ndjson_dir: Path, out: Path) -> ExportResult:
+    """`out/<run_id>/`: a stored run's NDJSON with every stream file in the plain canonical
+    form (CONTRACT §5), byte for byte what the plain writer writes; delta.json, the export
+    report and the key index beside them. A pruned run has only its delta files left."""
+    doc = json.loads((ndjson_dir / "delta.json").read_text(encoding="utf-8"))
+    run_id = doc["run_id"]
+    if (out / run_id).resolve() == ndjson_dir.resolve():
+        raise UsageError("--out must not be the directory the run is stored in")
+    with WorkDir(out, run_id) as work:
+        for sub in ("", "added", "removed"):
+            (work.path / sub).mkdir(exist_ok=True)
+            for path in streamfile.stream_files(ndjson_dir / sub):
+                name = streamfile.file_name(streamfile.stream_name(path), compressed=False)
+                stream_file = ndjson_dir / path.name
+                if sub == "added" and stream_file.is_file() and path.samefile(stream_file):
+                    os.link(work.path / name, work.path / sub / name)  # a first run's added/, as written
+                    continue
+                with streamfile.open_read(path) as src, streamfile.StreamWriter(work.path / sub / name) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+        if (ndjson_dir / "index").is_dir():
+            shutil.copytree(ndjson_dir / "index", work.path / "index")
+        for name in ("delta.json", "export_report.json"):
+            if (ndjson_dir / name).is_file():
+                shutil.copy2(ndjson_dir / name, work.path / name)
+        work.commit(out / run_id)
+    streams = doc.get("streams", {})
+    return ExportResult(run_id, doc.get("parent_run_id"), {s: d["total"] for s, d in streams.items()},
+                        streams, {})
+
+
 def _parse_task(index: int, task: ParseTask, run_dir: Path, spill_dir: Path, points_dir: Path,
                 run_id: str, person_id: str) -> tuple[dict[str, list[Path]], ParseReport]:
     """Worker body: parse one task into sorted spill runs (top level so it pickles)."""
@@ -123,7 +160,8 @@ def _collect(results, tasks, spills, report, progress, total) -> None:
         progress("parsing", task.size, total)
 
 
-def _merge_all(dest: Path, spills: dict[str, list[Path]], parent_dir: Path | None, progress: ProgressFn):
+def _merge_all(dest: Path, spills: dict[str, list[Path]], parent_dir: Path | None, progress: ProgressFn,
+               compressed: bool):
     (dest / "index").mkdir()
     (dest / "added").mkdir()
     (dest / "removed").mkdir()
@@ -132,23 +170,21 @@ def _merge_all(dest: Path, spills: dict[str, list[Path]], parent_dir: Path | Non
     spill_bytes = {stream: sum(p.stat().st_size for p in spills[stream]) for stream in STREAMS}
     total = sum(spill_bytes.values())
     for stream in STREAMS:
-        name = f"{stream}.ndjson"
+        name = streamfile.file_name(stream, compressed=compressed)
         # Without a parent every row is added: added/ is then a hard link to the stream
         # (same bytes, immutable) instead of a second copy of a multi-GB file.
         first_run = parent_dir is None
-        with open(dest / name, "wb") as rows, open(dest / "index" / f"{stream}.keys", "wb") as index, \
-                open(dest / "removed" / name, "wb") as removed, \
-                open(os.devnull if first_run else dest / "added" / name, "wb") as added:
+        with streamfile.StreamWriter(dest / name) as rows, open(dest / "index" / f"{stream}.keys", "wb") as index, \
+                streamfile.StreamWriter(dest / "removed" / name) as removed, \
+                (open(os.devnull, "wb") if first_run else streamfile.StreamWriter(dest / "added" / name)) as added:
             n, n_added, n_removed = write_stream(
                 _reporting(merge_stream(spills[stream]), progress, total, spill_bytes[stream]), rows, index, added,
                 removed,
-                parent_dir / name if parent_dir else None,
+                streamfile.find(parent_dir, stream) if parent_dir else None,
                 parent_dir / "index" / f"{stream}.keys" if parent_dir else None,
             )
-            for fh in (rows, index, added, removed):
-                fh.flush()
-                if fh.name != os.devnull:
-                    os.fsync(fh.fileno())
+            index.flush()
+            os.fsync(index.fileno())
         if first_run:
             os.link(dest / name, dest / "added" / name)
         counts[stream] = n

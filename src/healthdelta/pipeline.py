@@ -396,7 +396,11 @@ def register_existing(run_dir: Path, state: Path | None, note: str | None, lock_
 
 def export_ndjson(run_dir: Path, out: Path, progress: ProgressFn = no_progress) -> export.ExportResult:
     """`export ndjson`: NDJSON of one staged run into `out/<run_id>/`, delta against
-    `out/<parent_run_id>/` when that exists."""
+    `out/<parent_run_id>/` when that exists; or, given a stored run `<out>/ndjson/<run_id>`,
+    a copy of it. The streams are the plain canonical files either way (CONTRACT §5): runs
+    store them compressed, this is the form asked for on demand."""
+    if (run_dir / "delta.json").is_file():
+        return export.plain_copy(run_dir, out)
     manifest = ingest.read_manifest(run_dir)
     if not (run_dir / "layout.json").is_file():
         raise InputError("the run directory has no layout.json (not a staged run)")
@@ -405,7 +409,8 @@ def export_ndjson(run_dir: Path, out: Path, progress: ProgressFn = no_progress) 
                          "its records are in the warehouse and its delta files")
     run_id = manifest["run_id"]
     return export.export_run(run_dir, out, run_id=run_id, parent_run_id=manifest.get("parent_run_id"),
-                             person_id=identity.provisional_person_id(run_id), progress=progress)
+                             person_id=identity.provisional_person_id(run_id), progress=progress,
+                             compressed=False)
 
 
 def ingest_only(input_path: Path, staging_parent: Path, progress: ProgressFn = no_progress) -> tuple[str, Path]:

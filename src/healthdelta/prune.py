@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from healthdelta import identity, lineage, registry
+from healthdelta import identity, lineage, registry, streamfile
 from healthdelta.errors import UsageError
 from healthdelta.fsutil import StateLock
 from healthdelta.layout import OutLayout
@@ -37,7 +37,7 @@ def bulky_paths(layout: OutLayout, run_id: str) -> list[Path]:
     ndjson = layout.ndjson / run_id
     paths = [layout.staging_dir(run_id) / "source", layout.deid / run_id,
              ndjson / "index", ndjson / "local"]
-    paths += [ndjson / f"{stream}.ndjson" for stream in STREAMS]
+    paths += [ndjson / streamfile.file_name(stream, compressed=c) for stream in STREAMS for c in (True, False)]
     return [p for p in paths if p.exists() or p.is_symlink()]
 
 

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from healthdelta import streamfile
 from healthdelta.errors import HealthDeltaError, InputError, StateError
 from healthdelta.identity import PersonPII, load_people_pii
 
@@ -93,9 +94,11 @@ def collect_members(out: Path, run_id: str, state: Path) -> tuple[str, list[tupl
     members: list[tuple[str, Path]] = []
     for sub in NDJSON_DIRS:
         folder = ndjson_dir / sub if sub else ndjson_dir
-        for path in sorted(folder.glob("*.ndjson")) if folder.is_dir() else []:
+        for path in streamfile.stream_files(folder):
             if path.is_file() and not path.is_symlink():
-                members.append((f"{top}/ndjson/{sub + '/' if sub else ''}{path.name}", path))
+                # A reviewer gets the plain canonical files, however the run stores them.
+                name = streamfile.file_name(streamfile.stream_name(path), compressed=False)
+                members.append((f"{top}/ndjson/{sub + '/' if sub else ''}{name}", path))
     for name in NDJSON_FILES:
         if (ndjson_dir / name).is_file():
             members.append((f"{top}/ndjson/{name}", ndjson_dir / name))
@@ -290,7 +293,7 @@ class IdentifierScan:
         size = 0
         carry = b""
         hit = None
-        with open(path, "rb") as fh:
+        with streamfile.open_read(path) as fh:  # plain bytes: what the bundle will hold
             while block := fh.read(BLOCK):
                 digest.update(block)
                 size += len(block)
@@ -353,7 +356,9 @@ def build_bundle(out: Path, run_id: str, dest_tar_gz: Path, identity_dir: Path,
         raise StateError("the identity store is missing; a bundle cannot be checked without it") from None
     scan = IdentifierScan(people)
     entries = []
+    stored_sizes = []
     for arcname, path in members:
+        stored_sizes.append(path.stat().st_size)
         hit, sha, size = scan.scan_file(path)
         if hit is not None:
             rel = arcname.split("/", 1)[1]
@@ -374,10 +379,10 @@ def build_bundle(out: Path, run_id: str, dest_tar_gz: Path, identity_dir: Path,
             with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
                 with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
                     tar.addfile(_info(f"{top}/manifest.json", len(manifest_bytes)), io.BytesIO(manifest_bytes))
-                    for (arcname, path), entry in zip(members, entries):
-                        with open(path, "rb") as fh:
-                            if os.fstat(fh.fileno()).st_size != entry["size"]:
-                                raise StateError("an artifact changed while the bundle was written")
+                    for (arcname, path), entry, stored in zip(members, entries, stored_sizes):
+                        if path.stat().st_size != stored:
+                            raise StateError("an artifact changed while the bundle was written")
+                        with streamfile.open_read(path) as fh:
                             tar.addfile(_info(arcname, entry["size"]), fh)
             raw.flush()
             os.fsync(raw.fileno())

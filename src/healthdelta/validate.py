@@ -13,6 +13,7 @@ from typing import Iterator
 
 import orjson
 
+from healthdelta import streamfile
 from healthdelta.identity import fold_for_match
 from healthdelta.ndjson import SCHEMA_VERSION, STREAMS, encode_row, sort_key
 
@@ -45,16 +46,22 @@ def validate_dir(ndjson_dir: Path, banned_tokens: tuple[str, ...] = (),
                 yield Finding(".", 0, "missing_dir", "not an NDJSON directory")
             continue
         for stream in STREAMS:
-            path = folder / f"{stream}.ndjson"
-            rel = f"{sub}/{path.name}" if sub else path.name
-            if not path.is_file():
-                yield Finding(rel, 0, "missing_file", f"stream file for {stream} is missing")
+            path = streamfile.find(folder, stream)
+            if path is None:
+                name = streamfile.file_name(stream, compressed=False)
+                yield Finding(f"{sub}/{name}" if sub else name, 0, "missing_file",
+                              f"stream file for {stream} is missing")
                 continue
-            yield from _validate_file(path, rel, tokens, patterns)
-        for extra in sorted(folder.glob("*.ndjson")):
-            if extra.stem not in STREAMS:
-                yield Finding(f"{sub}/{extra.name}" if sub else extra.name, 0, "unknown_file",
-                              "not a known stream")
+            yield from _validate_file(path, f"{sub}/{path.name}" if sub else path.name, tokens, patterns)
+        seen: set[str] = set()
+        for extra in streamfile.stream_files(folder):
+            rel = f"{sub}/{extra.name}" if sub else extra.name
+            stream = streamfile.stream_name(extra)
+            if stream not in STREAMS:
+                yield Finding(rel, 0, "unknown_file", "not a known stream")
+            elif stream in seen:
+                yield Finding(rel, 0, "duplicate_file", "the stream is stored both plain and compressed")
+            seen.add(stream)
 
 
 def _unescaped(text: str) -> str:
@@ -66,7 +73,7 @@ def _validate_file(path: Path, rel: str, tokens: list[str], patterns: list[re.Pa
     previous: tuple[bytes, str] | None = None
     seen_keys: set[str] = set()
     number = 0
-    with open(path, "rb") as fh:
+    with streamfile.open_read(path) as fh:
         for number, raw in enumerate(fh, 1):
             if not raw.endswith(b"\n"):
                 yield Finding(rel, number, "no_newline", "last line is not newline-terminated")

@@ -60,6 +60,7 @@ import orjson
 
 from healthdelta import sources, units
 from healthdelta.errors import HealthDeltaError, InputError, StateError, UsageError
+from healthdelta import streamfile
 from healthdelta.ndjson import STREAMS
 from healthdelta.progress import ProgressFn, no_progress
 
@@ -891,7 +892,7 @@ def _unknown_fields(stream: str, path: Path) -> set[str]:
     """
     known = set(stream_fields(stream))
     seen: set[str] = set()
-    with open(path, "rb") as fh:
+    with streamfile.open_read(path) as fh:
         for n, line in enumerate(fh):
             if n >= _SAMPLE_LINES:
                 break
@@ -935,8 +936,9 @@ def _load_in_transaction(con: duckdb.DuckDBPyConnection, ndjson_dir: Path, run: 
         inserted: dict[str, int] = {}
         removed: dict[str, int] = {}
         unknown: set[str] = set()
-        sources = {s: ndjson_dir / ("added" if load_mode == "delta" else "") / f"{s}.ndjson" for s in STREAMS}
-        missing = [s for s, path in sources.items() if not path.is_file()]
+        folder = ndjson_dir / "added" if load_mode == "delta" else ndjson_dir
+        sources = {s: streamfile.find(folder, s) for s in STREAMS}
+        missing = [s for s, path in sources.items() if path is None]
         if missing:
             raise InputError(f"the NDJSON run is incomplete: the {missing[0]} stream is missing")
         total = sum(path.stat().st_size for path in sources.values())
@@ -948,8 +950,8 @@ def _load_in_transaction(con: duckdb.DuckDBPyConnection, ndjson_dir: Path, run: 
                 inserted[stream] = _insert_stream(con, stream, source, run_id)
             removed[stream] = 0
             if load_mode == "delta":
-                gone = ndjson_dir / "removed" / f"{stream}.ndjson"
-                if gone.is_file() and gone.stat().st_size:
+                gone = streamfile.find(ndjson_dir / "removed", stream)
+                if gone is not None and gone.stat().st_size:
                     removed[stream] = _mark_removed(con, stream, gone, run_id)
         _insert_run(con, run, delta, load_mode, parent_loaded, inserted, removed)
         con.execute("COMMIT")
@@ -1036,7 +1038,7 @@ def _keys_reader(stream: str) -> str:
 
 
 def _mark_removed(con: duckdb.DuckDBPyConnection, stream: str, gone: Path, run_id: str) -> int:
-    """List the keys of `removed/<stream>.ndjson` that the table holds and that are not listed yet."""
+    """List the keys of `removed/<stream>.ndjson[.zst]` that the table holds and are not listed yet."""
     return con.execute(
         f"INSERT INTO record_removals SELECT DISTINCT g.record_key, ?, ?, NULL FROM {_keys_reader(stream)} AS g "
         f"WHERE EXISTS (SELECT 1 FROM {stream} AS t WHERE t.record_key = g.record_key) "
@@ -1141,7 +1143,7 @@ def build(ndjson_input: Path, db_path: Path, *, replace: bool = False,
         _remove_db(target)
     # One progress total for the whole build: the bytes of every run's added/ streams
     # (what a chain of runs loads; a run loaded in full reads more, the bar then ends early).
-    grand = sum(p.stat().st_size for d, _, _ in ordered for p in (d / "added").glob("*.ndjson")) or None
+    grand = sum(p.stat().st_size for d, _, _ in ordered for p in streamfile.stream_files(d / "added")) or None
 
     def overall(stage: str, advance: int, total: int | None) -> None:
         progress(stage, advance, grand)

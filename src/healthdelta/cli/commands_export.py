@@ -20,7 +20,8 @@ def export_group() -> None:
 
 @export_group.command("ndjson")
 @click.option("--input", "run_dir", required=True, type=click.Path(path_type=Path),
-              help="A staged run directory, <out>/staging/<run_id>.")
+              help="A staged run directory, <out>/staging/<run_id>, or a stored NDJSON run, "
+                   "<out>/ndjson/<run_id> (its files are written plain).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("data/ndjson"), show_default=True,
               help="Receives <run_id>/; the delta is taken against <out>/<parent_run_id>/ if present.")
 @click.option("--mode", type=click.Choice(["local", "share"]), default="local", show_default=True,
@@ -29,9 +30,12 @@ def export_group() -> None:
 @global_options
 @click.pass_context
 def export_ndjson(ctx, run_dir, out, mode):
-    """Write the canonical NDJSON streams, key index and delta of one staged run.
+    """Write the plain canonical NDJSON streams, key index and delta of one run.
 
-    Example: healthdelta export ndjson --input data/staging/<run_id> --out data/ndjson
+    From a staged run the streams are computed; from a stored NDJSON run (kept compressed
+    as <stream>.ndjson.zst) they are written out as plain <stream>.ndjson.
+
+    Example: healthdelta export ndjson --input data/staging/<run_id> --out exported
     """
     if mode == "share":
         raise UsageError("`export ndjson` writes local-mode NDJSON; share-mode NDJSON comes from "
@@ -50,7 +54,7 @@ def export_ndjson(ctx, run_dir, out, mode):
 
 @export_group.command("validate")
 @click.option("--input", "ndjson_dir", required=True, type=click.Path(path_type=Path),
-              help="An NDJSON run directory, <out>/ndjson/<run_id>.")
+              help="An NDJSON run directory, <out>/ndjson/<run_id> (plain or .zst stream files).")
 @click.option("--banned-token", "tokens", multiple=True,
               help="Text that must not appear, whatever its case, accents or apostrophes (repeatable).")
 @click.option("--banned-regex", "regexes", multiple=True, help="Pattern that must not match (repeatable).")
