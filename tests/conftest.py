@@ -149,3 +149,6 @@ def decompress_run(ndjson_dir: Path) -> None:
                 plain = folder / streamfile.file_name(streamfile.stream_name(path), compressed=False)
                 plain.write_bytes(streamfile.read_bytes(path))
                 path.unlink()
+    for path in sorted((ndjson_dir / "index").glob(f"*{streamfile.INDEX}{streamfile.ZST}")):
+        path.with_suffix("").write_bytes(streamfile.read_bytes(path))  # `<stream>.keys`
+        path.unlink()

@@ -113,6 +113,10 @@ def test_plain_writer_bytes_equal_the_decompressed_stored_streams(tmp_path, synt
         assert streamfile.read_bytes(zst1 / f"{name}.zst") == (plain / name).read_bytes(), name
         assert (zst1 / f"{name}.zst").read_bytes() == (zst2 / f"{name}.zst").read_bytes(), name
     assert (plain / "added" / "observations.ndjson").stat().st_size > 0
+    for stream in STREAMS:  # the key index is stored like its stream
+        index = streamfile.read_bytes(zst1 / "index" / f"{stream}.keys.zst")
+        assert index == (plain / "index" / f"{stream}.keys").read_bytes(), stream
+        assert len(index.splitlines()) == len(streamfile.read_bytes(zst1 / f"{stream}.ndjson.zst").splitlines())
 
 
 @pytest.mark.slow
@@ -125,6 +129,7 @@ def test_an_old_plain_run_then_a_new_run_in_one_state_dir(tmp_path, synth_pair):
     old = tmp_path / a["ndjson_dir"]
     decompress_run(old)
     assert all(not name.endswith(".zst") for name in stored(old))
+    assert sorted(p.name for p in (old / "index").iterdir()) == sorted(f"{s}.keys" for s in STREAMS)
     b = kv(cli("run", "all", "--input", str(second.zip_path), "--out", "data", check=True).stdout)
     new = tmp_path / b["ndjson_dir"]
     assert all(name.endswith(".ndjson.zst") for name in stored(new))

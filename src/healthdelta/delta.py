@@ -1,7 +1,7 @@
 """Record-level delta of one stream against the parent run (CONTRACT §5).
 
 Both runs' streams are in (sortkey, record_key) order, and every run keeps a key
-index next to its streams (`index/<stream>.keys`: `sortkey \\t record_key` per line,
+index next to its streams (`index/<stream>.keys.zst`: `sortkey \\t record_key` per line,
 line i describing line i of the stream file). The delta is then a merge-join of
 the new stream, as it is being written, with the parent's index read sequentially:
 no parent row is ever held in memory, whatever the export's size.
@@ -37,7 +37,7 @@ def write_stream(
     has_parent = parent_index is not None and parent_index.exists()
     if has_parent and parent_rows is None:
         raise StateError("the parent run's NDJSON has a key index but no stream file")
-    p_keys = open(parent_index, "rb") if has_parent else None
+    p_keys = open_read(parent_index) if has_parent else None
     p_rows = open_read(parent_rows) if has_parent else None
     try:
         p_ident = p_keys.readline()[:-1] if p_keys else b""

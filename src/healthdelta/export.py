@@ -174,17 +174,16 @@ def _merge_all(dest: Path, spills: dict[str, list[Path]], parent_dir: Path | Non
         # Without a parent every row is added: added/ is then a hard link to the stream
         # (same bytes, immutable) instead of a second copy of a multi-GB file.
         first_run = parent_dir is None
-        with streamfile.StreamWriter(dest / name) as rows, open(dest / "index" / f"{stream}.keys", "wb") as index, \
+        with streamfile.StreamWriter(dest / name) as rows, \
+                streamfile.StreamWriter(dest / "index" / streamfile.index_name(stream, compressed=compressed)) as index, \
                 streamfile.StreamWriter(dest / "removed" / name) as removed, \
                 (open(os.devnull, "wb") if first_run else streamfile.StreamWriter(dest / "added" / name)) as added:
             n, n_added, n_removed = write_stream(
                 _reporting(merge_stream(spills[stream]), progress, total, spill_bytes[stream]), rows, index, added,
                 removed,
                 streamfile.find(parent_dir, stream) if parent_dir else None,
-                parent_dir / "index" / f"{stream}.keys" if parent_dir else None,
+                streamfile.find_index(parent_dir, stream) if parent_dir else None,
             )
-            index.flush()
-            os.fsync(index.fileno())
         if first_run:
             os.link(dest / name, dest / "added" / name)
         counts[stream] = n

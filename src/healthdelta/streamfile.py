@@ -25,7 +25,9 @@ from healthdelta.errors import StateError
 from healthdelta.fsutil import TMP_PREFIX, publish_file
 
 PLAIN = ".ndjson"
-COMPRESSED = ".ndjson.zst"
+ZST = ".zst"
+COMPRESSED = PLAIN + ZST
+INDEX = ".keys"  # a stream's key index (delta.py), stored like its stream
 # Level 1 measured best on a generated 316 MB stream: 11.7x at ~890 MB/s on one core; level 3
 # gave 10.8x at ~360 MB/s, level 6 11.5x at ~120 MB/s (docs/ndjson.md).
 LEVEL = 1
@@ -34,6 +36,19 @@ _BUFFER = 1 << 20
 
 def file_name(stream: str, *, compressed: bool = True) -> str:
     return f"{stream}{COMPRESSED if compressed else PLAIN}"
+
+
+def index_name(stream: str, *, compressed: bool = True) -> str:
+    return f"{stream}{INDEX}{ZST if compressed else ''}"
+
+
+def find_index(folder: Path, stream: str) -> Path | None:
+    """A run's key index of `stream` (`index/`), compressed, or plain as runs stored it before streams were compressed."""
+    for compressed in (True, False):
+        path = folder / "index" / index_name(stream, compressed=compressed)
+        if path.is_file():
+            return path
+    return None
 
 
 def stream_name(path: Path) -> str | None:
@@ -83,7 +98,7 @@ class _ZstdSource(io.RawIOBase):
 
 def open_read(path: Path) -> IO[bytes]:
     """A buffered binary reader of the plain canonical bytes, whichever form `path` is."""
-    if not path.name.endswith(COMPRESSED):
+    if not path.name.endswith(ZST):
         return open(path, "rb", buffering=_BUFFER)
     return io.BufferedReader(_ZstdSource(path), _BUFFER)
 
@@ -131,7 +146,7 @@ class StreamWriter:
 
     def __enter__(self) -> "StreamWriter":
         self._raw = open(self._tmp, "wb")
-        if self.path.name.endswith(COMPRESSED):
+        if self.path.name.endswith(ZST):
             self._sink = _ZstdSink(self._raw)
             self._out = io.BufferedWriter(self._sink, _BUFFER)
         else:
