@@ -804,21 +804,11 @@ def set_source_priority(db_path: Path, entries: Iterable[str]) -> bool:
     wanted = sources.validate(list(entries))
     con = connect(db_path)
     try:
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with _transaction(con):
             _ensure_schema(con)
             current = tuple(r[0] for r in con.execute("SELECT entry FROM source_priority ORDER BY position").fetchall())
             if current != wanted:
                 _write_priority(con, wanted)
-            con.execute("COMMIT")
-        except BaseException as exc:
-            try:
-                con.execute("ROLLBACK")
-            except duckdb.Error:
-                pass  # the connection is gone: nothing was committed either way
-            if isinstance(exc, duckdb.Error):
-                raise HealthDeltaError(f"the warehouse could not be changed ({type(exc).__name__})") from exc
-            raise
         return current != wanted
     finally:
         con.close()
@@ -923,13 +913,34 @@ def load_run(db_path: Path, ndjson_dir: Path, run: Mapping[str, Any], *,
         con.close()
 
 
+def _changed_message(exc: duckdb.Error) -> str:
+    return f"the warehouse could not be changed ({type(exc).__name__})"
+
+
+@contextmanager
+def _transaction(con: duckdb.DuckDBPyConnection, message: Callable[[duckdb.Error], str] = _changed_message):
+    """One transaction: committed when the block ends, rolled back on any exception
+    (Ctrl-C included); a DuckDB error becomes one HealthDeltaError line (details with --debug)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
+        con.execute("COMMIT")
+    except BaseException as exc:
+        try:
+            con.execute("ROLLBACK")
+        except duckdb.Error:
+            pass  # the connection is gone: nothing was committed either way
+        if isinstance(exc, duckdb.Error):
+            raise HealthDeltaError(message(exc)) from exc
+        raise
+
+
 def _load_in_transaction(con: duckdb.DuckDBPyConnection, ndjson_dir: Path, run: dict[str, Any],
                  delta: dict[str, Any], progress: ProgressFn) -> LoadResult:
     run_id = delta["run_id"]
     delta_parent = delta.get("parent_run_id")
     con.execute("SET preserve_insertion_order = false")  # lets both cores write row groups
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with _transaction(con, _load_error_message):
         _ensure_schema(con)
         parent_loaded = delta_parent is not None and _is_loaded(con, delta_parent)
         load_mode = "delta" if delta_parent is None or parent_loaded else "full"
@@ -954,15 +965,6 @@ def _load_in_transaction(con: duckdb.DuckDBPyConnection, ndjson_dir: Path, run: 
                 if gone is not None and gone.stat().st_size:
                     removed[stream] = _mark_removed(con, stream, gone, run_id)
         _insert_run(con, run, delta, load_mode, parent_loaded, inserted, removed)
-        con.execute("COMMIT")
-    except BaseException as exc:
-        try:
-            con.execute("ROLLBACK")
-        except duckdb.Error:
-            pass  # the connection is gone: nothing was committed either way
-        if isinstance(exc, duckdb.Error):
-            raise HealthDeltaError(_load_error_message(exc)) from exc  # shown with --debug only
-        raise
     try:
         con.execute("CHECKPOINT")
     except duckdb.Error:
@@ -1206,22 +1208,12 @@ def unload_run(db_path: Path, run_id: str) -> bool:
             return False
         if con.execute("SELECT count(*) FROM runs WHERE delta_parent_run_id = ?", [run_id]).fetchone()[0]:
             raise StateError("that run cannot be taken out of the warehouse: a later loaded run builds on it")
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with _transaction(con):
             for stream in STREAMS:
                 con.execute(f"DELETE FROM {stream} WHERE run_id = ?", [run_id])
             con.execute("DELETE FROM record_removals WHERE removed_in_run = ?", [run_id])
             con.execute("UPDATE record_removals SET readded_in_run = NULL WHERE readded_in_run = ?", [run_id])
             con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
-            con.execute("COMMIT")
-        except BaseException as exc:
-            try:
-                con.execute("ROLLBACK")
-            except duckdb.Error:
-                pass
-            if isinstance(exc, duckdb.Error):
-                raise HealthDeltaError(f"the warehouse could not be changed ({type(exc).__name__})") from exc
-            raise
         con.execute("CHECKPOINT")
         return True
     finally:
