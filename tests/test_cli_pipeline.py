@@ -13,6 +13,8 @@ import pytest
 
 from conftest import SHARED_FIXTURE, assert_one_error_line, kv, write_mini_export, zip_folder
 
+from healthdelta import stagestore
+
 PERSON_DIR = "Margarethe Okonkwo-Lindqvist 1961-04-07 export"
 
 
@@ -91,9 +93,11 @@ def test_staging_contents(cli, tmp_path, mini_export):
     run_dir = tmp_path / out["staging_dir"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["input"] == {"form": "parent_folder", "path_redacted": True}
-    for f in manifest["files"]:
-        data = (run_dir / f["path"]).read_bytes()
-        assert (len(data), hashlib.sha256(data).hexdigest()) == (f["size"], f["sha256"])
+    assert not (run_dir / "source").exists()  # in the shared store once the run is complete
+    with stagestore.plain_run(run_dir) as plain:
+        for f in manifest["files"]:
+            data = (plain / f["path"]).read_bytes()
+            assert (len(data), hashlib.sha256(data).hexdigest()) == (f["size"], f["sha256"])
     layout = json.loads((run_dir / "layout.json").read_text())
     assert layout["export_xml"] == "source/export.xml"
     assert layout["export_cda_xml"] == "source/export_cda.xml"
@@ -236,7 +240,7 @@ def test_interrupted_run_is_not_registered_and_rerun_succeeds(cli, tmp_path):
         if sig != "KILL":
             assert_one_error_line(proc)
         assert snapshot(tmp_path / "data") == before, sig
-        leftovers = sorted(p.name for p in (tmp_path / "data" / "staging").iterdir())
+        leftovers = sorted(p.name for p in (tmp_path / "data" / "staging").iterdir() if p.name != "store")
         if sig == "KILL":
             assert len(leftovers) == 2 and leftovers[0].startswith(".tmp-ingest-")
         else:
@@ -244,7 +248,7 @@ def test_interrupted_run_is_not_registered_and_rerun_succeeds(cli, tmp_path):
     rerun = kv(cli("pipeline", "run", "--input", str(inp), "--out", "data", check=True).stdout)
     assert rerun["run_id"] == seed_run_id(first["run_id"], seed_fingerprint(inp))
     assert sorted(p.name for p in (tmp_path / "data" / "staging").iterdir()) == sorted(
-        [first["run_id"], rerun["run_id"]])
+        [first["run_id"], rerun["run_id"], "store"])
 
 
 @pytest.mark.slow
@@ -254,8 +258,9 @@ def test_crash_after_rename_before_register(cli, tmp_path, mini_export):
     (tmp_path / "data" / "staging" / out["run_id"] / "source" / "export.xml").write_text("tampered")
     rerun = kv(cli("pipeline", "run", "--input", str(mini_export), "--out", "data", check=True).stdout)
     assert rerun["run_id"] == out["run_id"]
-    staged = tmp_path / "data" / "staging" / out["run_id"] / "source" / "export.xml"
-    assert staged.read_bytes() == (mini_export / "apple_health_export" / "export.xml").read_bytes()
+    with stagestore.plain_run(tmp_path / "data" / "staging" / out["run_id"]) as staged:
+        exported = (staged / "source" / "export.xml").read_bytes()
+    assert exported == (mini_export / "apple_health_export" / "export.xml").read_bytes()
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import assert_one_error_line, write_mini_export
 
-from healthdelta import doctor, pipeline
+from healthdelta import doctor, pipeline, stagestore
 from healthdelta.layout import OutLayout
 
 PERSON_DIR = "Margarethe Okonkwo-Lindqvist 1961-04-07 export"
@@ -62,6 +62,25 @@ def tree(two_run_tree, tmp_path) -> Path:
     return tmp_path / "data"
 
 
+def as_plain_run(tree: Path, run_id: str, dest: Path | None = None) -> Path:
+    """A run dir with a plain `source/` (as runs made before the store, and `ingest`, leave
+    them): the run's files taken out of the store into `dest` (default: the run dir itself)."""
+    run = tree / "staging" / run_id
+    dest = dest or run
+    with stagestore.plain_run(run) as view:
+        shutil.copytree(view / "source", dest / "source")
+    if dest != run:
+        for name in ("manifest.json", "layout.json"):
+            shutil.copy(run / name, dest / name)
+    return dest
+
+
+def blob_of(tree: Path, run_id: str, rel: str) -> Path:
+    manifest = json.loads((tree / "staging" / run_id / "manifest.json").read_text())
+    sha = next(f["sha256"] for f in manifest["files"] if f["path"] == rel)
+    return stagestore.blob_path(tree / "staging" / "store", sha)
+
+
 def runs_of(tree: Path) -> list[str]:
     doc = json.loads((tree / "state" / "runs.json").read_text())
     return sorted(doc["runs"], key=lambda r: doc["runs"][r]["created_at"] + r)
@@ -87,6 +106,9 @@ def test_clean_tree_is_ok_and_output_is_share_safe(tree):
 
 
 @pytest.mark.parametrize("damage,expected", [
+    ("flip_blob_byte", "blob_corrupt"),
+    ("truncate_blob", "blob_corrupt"),
+    ("delete_blob", "blob_missing"),
     ("flip_byte", "file_hash_mismatch"),
     ("truncate", "file_size_mismatch"),
     ("delete_file", "file_missing"),
@@ -114,7 +136,18 @@ def test_damage_is_reported(tree, damage, expected):
     run = tree / "staging" / first
     state = tree / "state"
     reg = json.loads((state / "runs.json").read_text())
-    if damage == "flip_byte":
+    if damage in ("flip_byte", "truncate", "delete_file", "extra_file"):
+        as_plain_run(tree, first)  # plain-file damage: in a run made before the store
+    blob = blob_of(tree, first, "source/export.xml")
+    if damage == "flip_blob_byte":
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 1
+        blob.write_bytes(bytes(data))
+    elif damage == "truncate_blob":
+        blob.write_bytes(blob.read_bytes()[:-1])
+    elif damage == "delete_blob":
+        blob.unlink()
+    elif damage == "flip_byte":
         p = run / "source" / "export.xml"
         data = bytearray(p.read_bytes())
         data[100] ^= 1
@@ -190,7 +223,8 @@ def test_repair_removes_orphans_only(tree):
     (tree / "state" / "identity" / f".tmp-secret-{dead}").write_text("0" * 64)
     (tree / f".tmp-warehouse.duckdb-{dead}").write_bytes(b"\0" * 10)
     # An unregistered but complete staged run (what `ingest` leaves for `run register`): kept.
-    shutil.copytree(tree / "staging" / first, tree / "staging" / ("b" * 64))
+    (tree / "staging" / ("b" * 64)).mkdir()
+    as_plain_run(tree, first, tree / "staging" / ("b" * 64))
     manifest = json.loads((tree / "staging" / ("b" * 64) / "manifest.json").read_text())
     manifest["run_id"] = "b" * 64
     (tree / "staging" / ("b" * 64) / "manifest.json").write_text(json.dumps(manifest))
@@ -202,20 +236,28 @@ def test_repair_removes_orphans_only(tree):
     # A live process's temporary: reported, never removed.
     live = tree / "staging" / f".tmp-ingest-{os.getpid()}"
     live.mkdir()
+    # In the store: a blob a killed run was writing, and one no run lists (a pruned run's).
+    blob_dir = blob_of(tree, first, "source/export.xml").parent
+    (blob_dir / f".tmp-{'c' * 64}-{dead}").write_bytes(b"x")
+    unlisted = blob_dir / f"{blob_dir.name}{'d' * 62}.zst"
+    unlisted.write_bytes(b"x")
 
     registered = {k: v for k, v in snapshot(tree).items()
                   if not any(k.startswith(p) for p in (".tmp-", "state/.tmp-", "state/identity/.tmp-"))
-                  and "/.tmp-" not in k and not k.startswith("ndjson/" + "a" * 64)}
+                  and "/.tmp-" not in k and not k.startswith("ndjson/" + "a" * 64)
+                  and k != unlisted.relative_to(tree).as_posix()}
     proc = doctor_cli(tree.parent, "--out", "data")
     assert proc.returncode == 1
     found = codes(proc)
     assert ("ERROR", "orphan_tmp") in found and ("ERROR", "unregistered_run_dir") in found
     assert ("WARN", "unregistered_staged_run") in found and ("WARN", "tmp_in_use") in found
-    assert sum(1 for line in lines(proc) if line.startswith("ERROR orphan_tmp")) == 8
+    assert ("WARN", "unreferenced_blob") in found
+    assert sum(1 for line in lines(proc) if line.startswith("ERROR orphan_tmp")) == 9
 
     fixed = doctor_cli(tree.parent, "--out", "data", "--repair")
     assert fixed.returncode == 0, fixed.stdout
-    assert sum(1 for line in lines(fixed) if line.startswith("removed ")) == 9
+    assert sum(1 for line in lines(fixed) if line.startswith("removed ")) == 11
+    assert not unlisted.exists() and not list(blob_dir.glob(".tmp-*"))
     for d in orphans:
         assert not d.exists()
     assert not (tree / f".tmp-warehouse.duckdb-{dead}").exists()
@@ -313,7 +355,7 @@ def test_read_only_tree_is_checked_without_the_lock(tree, monkeypatch):
 
 def test_finding_lines_never_hold_absolute_paths(tree):
     first, _ = runs_of(tree)
-    shutil.rmtree(tree / "staging" / first / "source" / "clinical-records")
+    blob_of(tree, first, "source/export_cda.xml").unlink()
     result = doctor.check(OutLayout.create(tree))
     assert not result.ok
     for f in result.findings:

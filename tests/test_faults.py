@@ -105,6 +105,10 @@ CASES = [
     Case(ALL, 2, "zip", "loading", 0.5),
     Case(ALL, 2, "folder", "report", 1),
     Case(ALL, 2, "zip", "report", 3),  # reports written, not registered
+    # the staged files moving into the shared store, the last step before registration
+    Case(PIPE, 1, "zip", "storing", 0.5),  # mid-blob
+    Case(PIPE, 2, "folder", "storing", 1.0),  # every blob durable, source/ not yet removed
+    Case(ALL, 2, "zip", "storing", 0.5),
 ]
 
 
@@ -271,6 +275,8 @@ def assert_untouched(before: dict[str, bytes], after: dict[str, bytes], new_id: 
         top = rel.split("/")
         if top[0] in RUN_DIR_PARENTS and len(top) > 1 and top[1] == new_id:
             continue
+        if rel.startswith("staging/store/"):  # the new run's blobs (earlier ones are never changed)
+            continue
         if not identity_strict and rel.startswith("state/identity/"):
             continue
         if allow_warehouse and rel.startswith("warehouse.duckdb"):
@@ -398,7 +404,7 @@ def test_file_size_limit_fails_cleanly(where, refs, tmp_path):
     shutil.copytree(refs.base(PIPE, 2), out, symlinks=True)
     before = snapshot(out)
     new_id = new_run_id(before, snapshot(ref_tree))
-    staged = _largest(ref_tree / "staging" / new_id)
+    staged = max(f["size"] for f in json.loads((ref_tree / "staging" / new_id / "manifest.json").read_text())["files"])
     limit = {"nothing_writable": 0, "during_staging": staged // 2, "during_ndjson": staged + 1}[where]
     assert limit < _largest(ref_tree / "ndjson" / new_id, plain=True)
     args = ["pipeline", "run", "--input", str(input_of(refs.exports, 2, "zip")), "--out", str(out)]
@@ -465,7 +471,8 @@ def test_full_disk_fails_cleanly(free, message, refs, tmp_path):
     before = {rel: hashlib.sha256(b).hexdigest() for rel, b in snapshot(base).items()}
     new_id = new_run_id(snapshot(base), snapshot(ref_tree))
     if free == "staged+256k":
-        free = sum(p.stat().st_size for p in (ref_tree / "staging" / new_id).rglob("*") if p.is_file()) + (256 << 10)
+        manifest = json.loads((ref_tree / "staging" / new_id / "manifest.json").read_text())
+        free = sum(f["size"] for f in manifest["files"]) + (256 << 10)
     out = tmp_path / "data"
     out.mkdir()
     runner = tmp_path / "runner.py"

@@ -30,7 +30,7 @@ import pytest
 
 from conftest import stream_bytes, write_mini_export, zip_folder
 
-from healthdelta import pipeline, streamfile
+from healthdelta import pipeline, stagestore, streamfile
 from healthdelta.layout import OutLayout
 
 MEMORY_LIMIT = 2 << 30
@@ -540,8 +540,9 @@ def test_nested_zip_bomb_is_staged_as_an_opaque_file(tmp_path, out):
     inp = _zip_case(tmp_path, raw_zip(members))
     run_case(tmp_path, out, inp, "ok")
     new = (out / "state" / "LAST_RUN").read_text().strip()
-    assert (out / "staging" / new / "source" / "inner.zip").read_bytes() == inner
-    assert not list((out / "staging" / new / "source").glob("b*.bin"))
+    with stagestore.plain_run(out / "staging" / new) as plain:
+        assert (plain / "source" / "inner.zip").read_bytes() == inner
+        assert not list((plain / "source").glob("b*.bin"))
 
 
 def test_non_utf8_member_names_without_the_utf8_flag(tmp_path, out):

@@ -36,15 +36,16 @@ def test_units_bytes_human_readable_and_counts_with_their_unit():
 def test_stage_k_of_n_once_per_step_in_plan_order():
     plan = command_plan("run all", share=False)
     assert [title for title, _ in plan] == ["staging the export", "resolving people", "parsing",
-                                            "merging and delta", "loading the warehouse", "writing the reports"]
+                                            "merging and delta", "loading the warehouse", "writing the reports",
+                                            "storing the staged export"]
     assert [t for t, _ in command_plan("pipeline run", share=True)][1:3] == ["resolving people", "de-identifying"]
     assert command_plan("duckdb build", share=False) is None
     calls = [("hashing", 10, 10), ("extracting", 5, 10), ("extracting", 5, 10), ("identity", 2, 2), ("parsing", 1, 1),
-             ("merging", 1, 1), ("loading", 1, 1), ("report", 3, 3)]
+             ("merging", 1, 1), ("loading", 1, 1), ("report", 3, 3), ("storing", 1, 1)]
     headers = [line for line in _lines(plan, calls) if line.startswith("stage ")]
-    assert headers == ["stage 1 of 6: staging the export", "stage 2 of 6: resolving people", "stage 3 of 6: parsing",
-                       "stage 4 of 6: merging and delta", "stage 5 of 6: loading the warehouse",
-                       "stage 6 of 6: writing the reports"]
+    assert headers == ["stage 1 of 7: staging the export", "stage 2 of 7: resolving people", "stage 3 of 7: parsing",
+                       "stage 4 of 7: merging and delta", "stage 5 of 7: loading the warehouse",
+                       "stage 6 of 7: writing the reports", "stage 7 of 7: storing the staged export"]
 
 
 def test_auto_mode_off_a_terminal_stays_quiet_for_short_stages():
@@ -65,8 +66,8 @@ def test_terminal_shows_the_step_line_above_the_bar():
     display("parsing", 1, 2)
     display.close()
     text = stream.getvalue()
-    assert text.index("stage 1 of 4: staging the export") < text.index("copying")
-    assert text.index("stage 3 of 4: parsing") < text.rindex("parsing:")
+    assert text.index("stage 1 of 5: staging the export") < text.index("copying")
+    assert text.index("stage 3 of 5: parsing") < text.rindex("parsing:")
 
 
 @pytest.mark.slow

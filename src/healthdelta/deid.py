@@ -60,6 +60,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from healthdelta import stagestore
 from healthdelta.errors import InputError, UsageError
 from healthdelta.identity import PersonPII, fold_accents, mac
 from healthdelta.progress import ProgressFn, no_progress
@@ -1756,7 +1757,15 @@ def deidentify_run(
     `dest` gets `layout.json`, `manifest.json`, `deid_report.json` and `source/...` in the
     staged run's shape. The caller owns atomicity (a `WorkDir` renamed into place) and the
     state lock (the run is resolved against the identity store first when it was not yet).
+    A past run whose staged files are in the store is read from a temporary plain copy.
     """
+    with stagestore.plain_run(run_dir) as plain:
+        return _deidentify_plain(plain, dest, identity_dir, date_shift=date_shift, keep_routes=keep_routes,
+                                 progress=progress)
+
+
+def _deidentify_plain(run_dir: Path, dest: Path, identity_dir: Path, *, date_shift: bool, keep_routes: str,
+                      progress: ProgressFn) -> DeidResult:
     if keep_routes not in KEEP_ROUTES:
         raise UsageError("--keep-routes must be drop or coarse")
     manifest = _read_json(run_dir / "manifest.json", "manifest.json")

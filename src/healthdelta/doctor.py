@@ -1,8 +1,8 @@
 """`healthdelta doctor`: is an output tree consistent, and removing what crashes left behind.
 
 Checks (docs/runbook_doctor.md): the registry and LAST_RUN parse and agree; every
-registered run's staging dir holds exactly the files its manifest lists (sizes and
-sha256); every artifact the registry lists exists (an NDJSON dir complete with its
+registered run's staged files are as its manifest lists them (sizes and sha256), in its
+plain `source/` or decompressed from `staging/store/`; every artifact the registry lists exists (an NDJSON dir complete with its
 delta.json); no `.tmp-*` leftovers and no unregistered run dirs under staging/,
 ndjson/, deid/, reports/; the identity store parses; the warehouse's runs match the
 registry (when `duckdb` is importable).
@@ -11,7 +11,8 @@ Every finding names a path relative to `<out>` (the state dir as `state/...`) or
 12-character run id prefix: never an absolute path, a name or a data value, so the
 output can be pasted into a bug report. The library returns findings; the CLI prints.
 
-`repair` deletes orphans only: `.tmp-*` leftovers and unregistered run directories.
+`repair` deletes orphans only: `.tmp-*` leftovers, unregistered run directories and store
+blobs no unpruned run lists.
 Registered data is never touched, and neither is an unregistered but complete staged
 run (what `healthdelta ingest` leaves for `run register`): it is reported as a warning.
 Everything runs under the state lock, so a live command's work dirs are never taken
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from healthdelta import identity, ingest, registry
+from healthdelta import identity, ingest, prune, registry, stagestore
 from healthdelta.errors import HealthDeltaError, StateError
 from healthdelta.fsutil import BLOCK, TMP_PREFIX, StateLock, tmp_owner_alive
 from healthdelta.layout import OutLayout
@@ -213,12 +214,14 @@ def _check_runs(layout: OutLayout, reg: registry.Registry, out: list[Finding], p
                                "the registry and the manifest disagree on the input fingerprint"))
         plans.append((entry, artifacts, rel, staging_dir, files))
         total += sum(f.get("size", 0) for f in files if isinstance(f, dict) and isinstance(f.get("size"), int))
+    checked: dict[str, str | None] = {}  # a blob that runs share is verified once
     for entry, artifacts, rel, staging_dir, files in plans:
         run_id = entry["run_id"]
         errors_before = _count_errors(out)
         # `run prune` removed a pruned run's staged export and de-identified copy on purpose.
         pruned = bool(entry.get("pruned"))
-        verified = 0 if pruned else _verify_staged_files(staging_dir, rel, files, out, progress, total)
+        verified = 0 if pruned else _verify_staged_files(layout, staging_dir, rel, files, out, progress, total,
+                                                         checked)
         if not (staging_dir / "layout.json").is_file():
             out.append(Finding("error", "layout_missing", f"{rel}/layout.json"))
         for name, art in sorted(artifacts.items()):
@@ -240,10 +243,12 @@ def _count_errors(out: list[Finding]) -> int:
     return sum(1 for f in out if f.level == "error")
 
 
-def _verify_staged_files(staging_dir: Path, rel: str, files: list, out: list[Finding],
-                         progress: ProgressFn, total: int) -> int:
+def _verify_staged_files(layout: OutLayout, staging_dir: Path, rel: str, files: list, out: list[Finding],
+                         progress: ProgressFn, total: int, checked: dict[str, str | None]) -> int:
     listed: set[str] = set()
     verified = 0
+    stored = stagestore.is_stored(staging_dir)
+    store = stagestore.store_of(layout.staging)
     for f in files:
         path = _safe_rel(f.get("path")) if isinstance(f, dict) else None
         if path is None or not isinstance(f.get("size"), int) or not isinstance(f.get("sha256"), str):
@@ -252,6 +257,17 @@ def _verify_staged_files(staging_dir: Path, rel: str, files: list, out: list[Fin
         listed.add(path)
         target = staging_dir / path
         subject = f"{rel[:len('staging/') + PREFIX]}/{path}"
+        if stored:
+            if f["sha256"] not in checked:
+                checked[f["sha256"]] = stagestore.verify_blob(store, f["size"], f["sha256"], progress, total)
+            else:
+                progress("verifying", f["size"], total)
+            problem = checked[f["sha256"]]
+            if problem is not None:
+                out.append(Finding("error", f"blob_{problem}", subject, "its blob in staging/store"))
+            else:
+                verified += 1
+            continue
         if target.is_symlink() or not target.is_file():
             out.append(Finding("error", "file_missing", subject))
             continue
@@ -301,6 +317,8 @@ def _check_orphans(layout: OutLayout, reg: registry.Registry | None, out: list[F
                 else:
                     out.append(Finding("error", "orphan_tmp", where, "left by an interrupted command",
                                        removable=True, path=child))
+            elif label == "staging" and name == stagestore.STORE_DIR:
+                found |= _check_store(layout, reg, out)
             elif is_run_parent and registered is not None and name not in registered:
                 found = True
                 if not _RUN_ID.fullmatch(name):
@@ -315,6 +333,35 @@ def _check_orphans(layout: OutLayout, reg: registry.Registry | None, out: list[F
                                        "not in the registry", removable=True, path=child))
     if not found:
         out.append(Finding("ok", "orphans", "none"))
+
+
+def _check_store(layout: OutLayout, reg: registry.Registry | None, out: list[Finding]) -> bool:
+    """Leftovers in `staging/store/`: blob temporaries, and blobs no unpruned run lists
+    (a pruned run's, a crashed run's). Those are only a warning: nothing is broken and
+    `run prune` or `--repair` reclaims them; none is named when a manifest is unreadable."""
+    found = False
+    for d in stagestore.blob_dirs(layout.staging):
+        for child in sorted(d.iterdir()):
+            if child.name.startswith(TMP_PREFIX):
+                found = True
+                where = layout.rel(child)
+                if tmp_owner_alive(child.name):
+                    out.append(Finding("warn", "tmp_in_use", where, "its process is still running"))
+                else:
+                    out.append(Finding("error", "orphan_tmp", where, "left by an interrupted command",
+                                       removable=True, path=child))
+    for blob in _unreferenced_blobs(layout, reg):
+        found = True
+        out.append(Finding("warn", "unreferenced_blob", layout.rel(blob),
+                           "no unpruned run lists it: `run prune` or `doctor --repair` removes it",
+                           removable=True, path=blob))
+    return found
+
+
+def _unreferenced_blobs(layout: OutLayout, reg: registry.Registry | None) -> list[Path]:
+    if reg is None or not layout.runs_json.is_file():
+        return []
+    return prune.unreferenced_blobs(layout, [rid for rid, e in reg.runs.items() if not e.get("pruned")])
 
 
 def _complete_staged_run(run_dir: Path) -> bool:
@@ -418,6 +465,8 @@ def remove_orphans(layout: OutLayout, findings: tuple[Finding, ...]) -> tuple[st
     except StateError:
         reg = None  # damaged: nothing can be called unregistered, `.tmp-*` only
     allowed_parents = {layout.out, layout.state, layout.identity} | {layout.out / n for n in RUN_DIR_PARENTS}
+    allowed_parents |= set(stagestore.blob_dirs(layout.staging))
+    garbage = set(_unreferenced_blobs(layout, reg))
     removed: list[str] = []
     for f in findings:
         if not f.removable or f.path is None:
@@ -425,7 +474,7 @@ def remove_orphans(layout: OutLayout, findings: tuple[Finding, ...]) -> tuple[st
         path = f.path
         if path.parent not in allowed_parents:
             continue
-        if not ((path.name.startswith(TMP_PREFIX) and not tmp_owner_alive(path.name))
+        if not ((path.name.startswith(TMP_PREFIX) and not tmp_owner_alive(path.name)) or path in garbage
                 or (reg is not None and path.parent.name in RUN_DIR_PARENTS and _RUN_ID.fullmatch(path.name)
                     and reg.get(path.name) is None)):
             continue

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from healthdelta import stagestore
 from healthdelta.errors import InputError, StateError, UsageError
 from healthdelta.progress import ProgressFn, no_progress
 
@@ -1170,6 +1171,10 @@ class BuildResult:
 def build(identity_dir: Path, run_dirs: Sequence[tuple[Path, str]]) -> BuildResult:
     """`identity build`: resolve several staged runs in order (idempotent)."""
     store = Store.open(identity_dir, create=True)
-    results = tuple(_resolve(store, run_dir, run_id) for run_dir, run_id in run_dirs)
+    results = []
+    for run_dir, run_id in run_dirs:
+        # One plain copy at a time: a past run's files may have to come out of the store.
+        with stagestore.plain_run(run_dir) as plain:
+            results.append(_resolve(store, plain, run_id))
     store.save()
-    return BuildResult(results)
+    return BuildResult(tuple(results))

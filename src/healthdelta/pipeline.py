@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from healthdelta import deid, export, identity, ingest, lineage, registry
+from healthdelta import deid, export, identity, ingest, lineage, registry, stagestore
 from healthdelta.errors import InputError, StateError, UsageError
 from healthdelta.fingerprint import Fingerprint, run_id as compute_run_id
 from healthdelta.fsutil import StateLock, WorkDir, atomic_write_json, fsync_dir, remove_orphan_tmp_dirs
@@ -137,7 +137,8 @@ def _rmdir_quietly(path: Path) -> None:
 def clean_orphans(layout: OutLayout) -> tuple[str, ...]:
     """Remove temporary dirs left by interrupted commands (caller holds the lock)."""
     removed: list[str] = []
-    for parent in (layout.out, layout.staging, layout.ndjson, layout.deid, layout.reports, layout.state):
+    for parent in (layout.out, layout.staging, layout.ndjson, layout.deid, layout.reports, layout.state,
+                   *stagestore.blob_dirs(layout.staging)):
         removed += [f"{parent.name}/{name}" for name in remove_orphan_tmp_dirs(parent)]
     return tuple(removed)
 
@@ -268,6 +269,9 @@ def _after_staging(run: _NewRun, identity_work: IdentityWork) -> PipelineResult:
         artifacts["deid_dir"] = layout.rel(deid_dir)
     if run.later is not None:
         run.later(run_id, run.parent_id, artifacts, stages, identity_dir, staging_dir)
+    # Every output is made: the plain staged files move to the shared store while the run
+    # dir is still a work dir, so the final run dir never lacks them.
+    stagestore.store_run(staging_dir, stagestore.store_of(layout.staging), progress)
     staging_dir = run.staging_work.commit(final_staging)
     report_path = staging_dir / "run_report.json"
     atomic_write_json(report_path, {
@@ -404,13 +408,11 @@ def export_ndjson(run_dir: Path, out: Path, progress: ProgressFn = no_progress) 
     manifest = ingest.read_manifest(run_dir)
     if not (run_dir / "layout.json").is_file():
         raise InputError("the run directory has no layout.json (not a staged run)")
-    if manifest.get("files") and not (run_dir / ingest.SOURCE_DIR).is_dir():
-        raise InputError("this run was pruned (`run prune` removed its staged export); "
-                         "its records are in the warehouse and its delta files")
     run_id = manifest["run_id"]
-    return export.export_run(run_dir, out, run_id=run_id, parent_run_id=manifest.get("parent_run_id"),
-                             person_id=identity.provisional_person_id(run_id), progress=progress,
-                             compressed=False)
+    with stagestore.plain_run(run_dir) as plain:
+        return export.export_run(plain, out, run_id=run_id, parent_run_id=manifest.get("parent_run_id"),
+                                 person_id=identity.provisional_person_id(run_id), progress=progress,
+                                 compressed=False)
 
 
 def ingest_only(input_path: Path, staging_parent: Path, progress: ProgressFn = no_progress) -> tuple[str, Path]:

@@ -1,7 +1,8 @@
 """`run prune`: reclaim the disk space of old runs without losing the record.
 
-Every run keeps a full staged copy of its export and full NDJSON streams, though each
-export contains everything again. Pruning a run removes those bulky parts and keeps what
+Every run keeps its staged export (in the shared store, or a plain copy for older runs)
+and full NDJSON streams, though each export contains everything again. Pruning a run
+removes those bulky parts, then every store blob no unpruned run lists, and keeps what
 the record needs: its registry entry (marked `pruned`), manifest/layout/run report, its
 delta (`delta.json`, `added/`, `removed/`), its reports, and the warehouse, which holds
 every record of every run. A pruned run stays listed, and `doctor` knows what it lacks.
@@ -17,8 +18,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from healthdelta import identity, lineage, registry, streamfile
-from healthdelta.errors import UsageError
+from healthdelta import identity, ingest, lineage, registry, stagestore, streamfile
+from healthdelta.errors import HealthDeltaError, UsageError
 from healthdelta.fsutil import StateLock
 from healthdelta.layout import OutLayout
 from healthdelta.ndjson import STREAMS
@@ -35,7 +36,7 @@ class PruneResult:
 def bulky_paths(layout: OutLayout, run_id: str) -> list[Path]:
     """What pruning removes of one run (those that exist)."""
     ndjson = layout.ndjson / run_id
-    paths = [layout.staging_dir(run_id) / "source", layout.deid / run_id,
+    paths = [layout.staging_dir(run_id) / ingest.SOURCE_DIR, layout.deid / run_id,
              ndjson / "index", ndjson / "local"]
     paths += [ndjson / streamfile.file_name(stream, compressed=c) for stream in STREAMS for c in (True, False)]
     return [p for p in paths if p.exists() or p.is_symlink()]
@@ -68,7 +69,10 @@ def prune_runs(layout: OutLayout, *, keep: int, dry_run: bool = False, lock_time
         # A run pruned before is pruned again: a crash after marking it may have left files.
         victims = [e["run_id"] for e in reg.ordered()
                    if e["run_id"] not in kept and (not e.get("pruned") or bulky_paths(layout, e["run_id"]))]
+        unpruned = [rid for rid in reg.runs if rid not in victims and not reg.runs[rid].get("pruned")]
+        garbage = unreferenced_blobs(layout, unpruned)
         freed = sum(_freed_bytes(p) for rid in victims for p in bulky_paths(layout, rid))
+        freed += sum(p.stat().st_size for p in garbage)
         if not dry_run and victims:
             # Mark first, delete second: a crash in between leaves a pruned run with files to
             # spare (pruned again next time), never a run that looks whole with files missing.
@@ -80,7 +84,30 @@ def prune_runs(layout: OutLayout, *, keep: int, dry_run: bool = False, lock_time
             for rid in victims:
                 for path in bulky_paths(layout, rid):
                     _remove(path)
+        if not dry_run:
+            for blob in garbage:
+                blob.unlink()
         return PruneResult(tuple(victims), tuple(sorted(kept)), freed, dry_run)
+
+
+def unreferenced_blobs(layout: OutLayout, keep_runs: list[str]) -> list[Path]:
+    """Store blobs that none of `keep_runs` lists, nor any staged run dir the registry does
+    not know (`ingest` output, a crashed run about to be redone). Empty when a manifest
+    cannot be read or is another run's: a blob goes only when it is certainly not needed. The caller
+    holds the state lock, so no run is storing blobs meanwhile."""
+    registered = set(registry.read_registry(layout.state).runs) if layout.runs_json.is_file() else set()
+    dirs = [layout.staging_dir(rid) for rid in keep_runs]
+    if layout.staging.is_dir():
+        dirs += [d for d in layout.staging.iterdir()
+                 if registry.is_run_id(d.name) and d.name not in registered and (d / "manifest.json").exists()]
+    try:
+        manifests = [ingest.read_manifest(d) for d in dirs]
+        keep = stagestore.referenced_blobs(layout.staging, manifests)
+    except HealthDeltaError:
+        return []
+    if any(m["run_id"] != d.name for m, d in zip(manifests, dirs)):
+        return []  # a manifest that is not its run's says nothing of what that run needs
+    return [b for b in stagestore.blobs(layout.staging) if b not in keep]
 
 
 def _freed_bytes(path: Path) -> int:

@@ -27,12 +27,13 @@ IDENTITY_STEP = ("resolving people", ("identity",))
 DEID_STEP = ("de-identifying", ("deid",))
 NDJSON_STEPS = (("parsing", ("parsing",)), ("merging and delta", ("merging",)))
 WAREHOUSE_STEPS = (("loading the warehouse", ("loading",)), ("writing the reports", ("report",)))
+STORE_STEP = ("storing the staged export", ("storing",))
 
 
 def command_plan(command: str, share: bool) -> Plan | None:
     """The steps a command goes through, in order (None: a one-step command)."""
     ndjson = (STAGING_STEP, IDENTITY_STEP, *((DEID_STEP,) if share else ()), *NDJSON_STEPS)
-    return {"pipeline run": ndjson, "run all": (*ndjson, *WAREHOUSE_STEPS)}.get(command)
+    return {"pipeline run": (*ndjson, STORE_STEP), "run all": (*ndjson, *WAREHOUSE_STEPS, STORE_STEP)}.get(command)
 
 
 def _format(unit: str, known_total: bool) -> tuple[str, dict]:
