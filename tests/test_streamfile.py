@@ -12,7 +12,7 @@ import duckdb
 import pytest
 
 from conftest import Cli, decompress_run, kv, read_ndjson, stream_bytes
-from healthdelta import export, streamfile, warehouse
+from healthdelta import export, stagestore, streamfile, warehouse
 from healthdelta.errors import StateError
 from healthdelta.ndjson import STREAMS
 
@@ -102,10 +102,11 @@ def test_plain_writer_bytes_equal_the_decompressed_stored_streams(tmp_path, synt
     staged = layout.staging_dir(b.run_id)
     kw = dict(run_id=b.run_id, parent_run_id=a.run_id, person_id="p-1", workers=1)
     outs = {}
-    for name, compressed in (("plain", False), ("zst1", True), ("zst2", True)):
-        outs[name] = tmp_path / name
-        shutil.copytree(layout.ndjson / a.run_id, outs[name] / a.run_id)  # the delta base
-        export.export_run(staged, outs[name], compressed=compressed, **kw)
+    with stagestore.plain_run(staged) as plain_staged:  # the run's export, from the store
+        for name, compressed in (("plain", False), ("zst1", True), ("zst2", True)):
+            outs[name] = tmp_path / name
+            shutil.copytree(layout.ndjson / a.run_id, outs[name] / a.run_id)  # the delta base
+            export.export_run(plain_staged, outs[name], compressed=compressed, **kw)
     plain, zst1, zst2 = (outs[n] / b.run_id for n in ("plain", "zst1", "zst2"))
     assert stored(plain) == sorted(f"{sub}{s}.ndjson" for sub in ("", "added/", "removed/") for s in STREAMS)
     assert stored(zst1) == [f"{name}.zst" for name in stored(plain)]

@@ -127,7 +127,7 @@ class DateShift:
         if found is None:
             try:
                 found = (date.fromisoformat(iso) + timedelta(days=self.days)).isoformat()
-            except ValueError:
+            except (ValueError, OverflowError):  # OverflowError: shifted out of years 1-9999
                 found = iso
             if len(self._cache) < _CACHE_MAX:
                 self._cache[iso] = found
@@ -139,7 +139,10 @@ class DateShift:
         carry, minutes = divmod(minutes, 1440)
         day = self.day(iso)
         if carry and day != iso:
-            day = (date.fromisoformat(day) + timedelta(days=carry)).isoformat()
+            try:
+                day = (date.fromisoformat(day) + timedelta(days=carry)).isoformat()
+            except OverflowError:
+                pass  # the edge of year 9999: no real date to protect
         return day, minutes
 
     def _timestamp(self, m: re.Match[str]) -> str:
@@ -149,9 +152,9 @@ class DateShift:
         if zone != "Z":
             digits = zone[1:].replace(":", "")
             offset = (int(digits[:2]) * 60 + int(digits[2:])) * (1 if zone[0] == "+" else -1)
-        shifted, minutes = self.utc_day(day, int(hh) * 60 + int(mm) - offset)
-        if shifted == day and day != self.day(day):  # not a real date
+        if self.day(day) == day:  # not a real date: a real one always moves (days != 0)
             return m.group(0)
+        shifted, minutes = self.utc_day(day, int(hh) * 60 + int(mm) - offset)
         clock = f"{minutes // 60:02d}:{minutes % 60:02d}" + (f":{ss}{frac or ''}" if ss else "")
         return f"{shifted}{sep}{clock}{space}{'Z' if zone == 'Z' or ':' in zone else '+0000'}"
 

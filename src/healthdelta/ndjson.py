@@ -17,7 +17,7 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import orjson
 

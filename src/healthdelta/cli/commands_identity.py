@@ -7,7 +7,6 @@ labels, states, reason codes and counts; the one exception is `identity review
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 
