@@ -78,3 +78,34 @@ def test_demo(cli):
     (cli.cwd / "mine" / "keep.txt").write_text("x")
     assert_one_error_line(cli("demo", "--out", "mine"), code=2)
     assert (cli.cwd / "mine" / "keep.txt").exists()
+
+
+def test_unchanged_route_points_are_stored_once(cli, synth_pair):
+    """Every export repeats every route: a points file equal to the base run's is one file
+    (a hard link), a changed one is written anew, and pruning the base keeps it readable."""
+    first, second = synth_pair
+    a = kv(cli("run", "all", "--input", str(first.zip_path), "--out", "data", check=True).stdout)
+    b = kv(cli("run", "all", "--input", str(second.zip_path), "--out", "data", check=True).stdout)
+    old = cli.cwd / a["ndjson_dir"] / "local" / "route_points"
+    new = cli.cwd / b["ndjson_dir"] / "local" / "route_points"
+    files = sorted(p.name for p in new.iterdir())
+    assert files and files == sorted(p.name for p in old.iterdir())
+    assert all((new / n).samefile(old / n) for n in files)
+    # Built by hand: a changed file in the base must not be linked into a new run.
+    from healthdelta.export import _link_unchanged_points
+
+    base, fresh = cli.cwd / "base", cli.cwd / "fresh"
+    base.mkdir()
+    fresh.mkdir()
+    (base / "k1.ndjson").write_bytes(b'{"lat":1}\n')
+    (base / "k2.ndjson").write_bytes(b'{"lat":2}\n')
+    (fresh / "k1.ndjson").write_bytes(b'{"lat":1}\n')
+    (fresh / "k2.ndjson").write_bytes(b'{"lat":3}\n')  # same size, other bytes
+    (fresh / "k3.ndjson").write_bytes(b'{"lat":4}\n')  # not in the base
+    _link_unchanged_points(fresh, base)
+    assert (fresh / "k1.ndjson").samefile(base / "k1.ndjson")
+    assert not (fresh / "k2.ndjson").samefile(base / "k2.ndjson") and (fresh / "k2.ndjson").read_bytes() == b'{"lat":3}\n'
+    assert sorted(p.name for p in fresh.iterdir()) == ["k1.ndjson", "k2.ndjson", "k3.ndjson"]
+    cli("run", "prune", "--keep", "1", "--out", "data", check=True)
+    assert not old.exists() and all((new / n).stat().st_size > 0 for n in files)
+    assert cli("doctor", "--out", "data", check=True).returncode == 0

@@ -9,6 +9,7 @@ single-stream fallback, also what a pool-less environment gets).
 
 from __future__ import annotations
 
+import filecmp
 import json
 import multiprocessing
 import os
@@ -21,7 +22,7 @@ from typing import Iterator
 from healthdelta import streamfile
 from healthdelta.delta import write_stream
 from healthdelta.errors import UsageError
-from healthdelta.fsutil import WorkDir, atomic_write_json, fsync_dir
+from healthdelta.fsutil import TMP_PREFIX, WorkDir, atomic_write_json, fsync_dir
 from healthdelta.ndjson import STREAMS, SpillWriter, merge_stream
 from healthdelta.parse import ParseTask, iter_task, plan_tasks
 from healthdelta.parse.report import ParseReport
@@ -91,6 +92,8 @@ def export_run(
                 # On a failure (a damaged file, Ctrl-C) do not parse the rest first.
                 pool.shutdown(wait=True, cancel_futures=True)
         counts, delta = _merge_all(work.path, spills, parent_dir, progress, compressed)
+        if parent_dir is not None:
+            _link_unchanged_points(points_dir, parent_dir / "local" / "route_points")
         for p in spill_dir.iterdir():
             p.unlink()
         spill_dir.rmdir()
@@ -111,6 +114,21 @@ def export_run(
         })
         work.commit(ndjson_parent / run_id)
     return result
+
+
+def _link_unchanged_points(points_dir: Path, parent_points: Path) -> None:
+    """A route's points file is named by the route's record key, so the same route in the
+    parent run usually has the same file: keep one copy (a hard link) when the bytes are
+    equal. Every export repeats all routes; without this each run stored them again."""
+    if not parent_points.is_dir():
+        return
+    for path in sorted(points_dir.iterdir()):
+        old = parent_points / path.name
+        if old.is_file() and not old.is_symlink() and old.stat().st_size == path.stat().st_size \
+                and filecmp.cmp(old, path, shallow=False):
+            tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+            os.link(old, tmp)
+            os.replace(tmp, path)
 
 
 def plain_copy(ndjson_dir: Path, out: Path) -> ExportResult:
