@@ -241,3 +241,21 @@ def test_share_bundle_after_pipeline_share_mode(tmp_path):
     for name, payload in share.iter_members(dest):
         for value in _pii(export_):
             assert value.casefold() not in payload.decode("utf-8", "replace").casefold(), name
+
+
+@pytest.mark.slow
+def test_share_notice_names_the_bundle_command_runnable_as_printed(tmp_path, mini_export):
+    """`run all --mode share` ends by saying that only the bundle may leave the machine, with
+    the command that makes it; printed for an --out with a space, it runs as printed."""
+    from conftest import Cli
+
+    cli = Cli(tmp_path)
+    proc = cli("run", "all", "--input", str(mini_export), "--out", "my data", "--mode", "share", check=True)
+    notice = [line for line in proc.stderr.splitlines() if line.startswith("notice: nothing under --out")]
+    assert len(notice) == 1
+    command = notice[0].split("the bundle: ", 1)[1]
+    assert "'my data'" in command and str(mini_export) not in proc.stderr + proc.stdout
+    made = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "share.tar.gz").is_file()
+    assert cli("share", "verify", "--bundle", "share.tar.gz", check=True).stdout.strip() == "ok"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 import click
@@ -157,7 +158,8 @@ def _share_notice(ctx, layout, run_id: str) -> None:
     out = _shown(layout, ".")
     notice(ctx, "notice: nothing under --out is meant to be sent as it is (staging/ holds the raw export, "
                 "state/ the identity store and its secret); the one file that may leave this machine is the "
-                f"bundle: {self_command()} share bundle --run {run_id[:12]} --out-dir {out} --out share.tar.gz")
+                f"bundle: {self_command()} share bundle --run {run_id[:12]} --out-dir {shlex.quote(out)} "
+                "--out share.tar.gz")
 
 
 @run_group.command("register")
@@ -337,4 +339,4 @@ def demo_cmd(ctx, out):
     if "reports_dir" in last.artifacts:
         click.echo(f"report={(data / last.artifacts['reports_dir'] / 'report.html').as_posix()}")
     click.echo(f"data_dir={data.as_posix()}")
-    click.echo(f"next: {self_command()} report show --db {(data / 'warehouse.duckdb').as_posix()}")
+    click.echo(f"next: {self_command()} report show --db {shlex.quote((data / 'warehouse.duckdb').as_posix())}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -73,7 +74,7 @@ def layout_from(out: Path, state: Path | None) -> OutLayout:
 
 
 def self_command() -> str:
-    """This program as the user can type it from here, for printed next steps: `healthdelta`
+    """This program as the user can type it from here (shell-quoted), for printed next steps: `healthdelta`
     when that name on PATH is this very program, else the script (or interpreter) that ran,
     relative to the current directory when it is below it (e.g. `.venv/bin/healthdelta`)."""
     script = Path(sys.argv[0])
@@ -82,7 +83,7 @@ def self_command() -> str:
         return "healthdelta"
     program = script if script.name == "healthdelta" else Path(sys.executable)
     rel = os.path.relpath(program.absolute())
-    shown = rel if not rel.startswith("..") else program.absolute().as_posix()
+    shown = shlex.quote(rel if not rel.startswith("..") else program.absolute().as_posix())
     return shown if program is script else f"{shown} -m healthdelta"
 
 
