@@ -182,3 +182,28 @@ def test_a_killed_store_step_leaves_plain_files_and_the_rerun_finishes(cli, expo
         for blob in (cli.cwd / "ref" / "staging" / "store").glob("*/*.zst"):
             assert filecmp.cmp(blob, cli.cwd / out / blob.relative_to(cli.cwd / "ref"), shallow=False)
         assert cli("doctor", "--out", out).returncode == 0
+
+
+def test_share_mode_keeps_its_deidentified_copy_in_the_store(cli, exports):
+    """Share mode's de-identified copy is as large as the export: it goes to the store too,
+    its blobs count as referenced (prune and doctor keep them), and they hold what the
+    de-identified files held."""
+    first, second = exports
+    one = kv(cli("run", "all", "--input", str(first.zip_path), "--out", "data", "--mode", "share", check=True).stdout)
+    two = kv(cli("run", "all", "--input", str(second.zip_path), "--out", "data", "--mode", "share",
+                 check=True).stdout)
+    out = cli.cwd / "data"
+    deid1, deid2 = cli.cwd / one["deid_dir"], cli.cwd / two["deid_dir"]
+    assert not (deid1 / "source").exists() and not (deid2 / "source").exists()
+    store = stagestore.store_of(out / "staging")
+    for deid_dir in (deid1, deid2):
+        for f in manifest_of(deid_dir)["files"]:
+            data = zstandard.ZstdDecompressor().stream_reader(open(stagestore.blob_path(store, f["sha256"]), "rb")).read()
+            assert len(data) == f["size"] and hashlib.sha256(data).hexdigest() == f["sha256"]
+    doctor = cli("doctor", "--out", "data")
+    assert doctor.returncode == 0 and "unreferenced_blob" not in doctor.stdout, doctor.stdout
+    cli("run", "prune", "--out", "data", "--keep", "1", check=True)
+    kept = {f"{f['sha256']}.zst" for d in (out / "staging" / two["run_id"], deid2) for f in manifest_of(d)["files"]}
+    assert blobs_of(out) == kept
+    doctor = cli("doctor", "--out", "data")
+    assert doctor.returncode == 0 and "unreferenced_blob" not in doctor.stdout, doctor.stdout

@@ -270,8 +270,10 @@ def _after_staging(run: _NewRun, identity_work: IdentityWork) -> PipelineResult:
     if run.later is not None:
         run.later(run_id, run.parent_id, artifacts, stages, identity_dir, staging_dir)
     # Every output is made: the plain staged files move to the shared store while the run
-    # dir is still a work dir, so the final run dir never lacks them.
-    stagestore.store_run(staging_dir, stagestore.store_of(layout.staging), progress)
+    # dir is still a work dir, so the final run dir never lacks them. Share mode's
+    # de-identified copy (read by nothing once the NDJSON is made) goes there too.
+    stagestore.store_runs([staging_dir, *([deid_dir] if deid_dir is not None else [])],
+                          stagestore.store_of(layout.staging), progress)
     staging_dir = run.staging_work.commit(final_staging)
     report_path = staging_dir / "run_report.json"
     atomic_write_json(report_path, {

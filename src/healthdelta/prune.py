@@ -97,6 +97,7 @@ def unreferenced_blobs(layout: OutLayout, keep_runs: list[str]) -> list[Path]:
     holds the state lock, so no run is storing blobs meanwhile."""
     registered = set(registry.read_registry(layout.state).runs) if layout.runs_json.is_file() else set()
     dirs = [layout.staging_dir(rid) for rid in keep_runs]
+    dirs += [layout.deid / rid for rid in keep_runs if (layout.deid / rid / "manifest.json").is_file()]
     if layout.staging.is_dir():
         dirs += [d for d in layout.staging.iterdir()
                  if registry.is_run_id(d.name) and d.name not in registered and (d / "manifest.json").exists()]

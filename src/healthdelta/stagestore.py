@@ -8,6 +8,8 @@ already lists, so a file that every export repeats (an ECG, a clinical record) i
 once for all runs; the manifest, and with it run ids, fingerprints and lineage, is
 unchanged. Runs made before the store existed, and runs staged by `ingest` and
 registered with `run register`, keep their plain `source/`: `plain_run` serves both.
+Share mode's de-identified copy (`deid/<run_id>/`, the same manifest and `source/` shape)
+is stored the same way, in the same store.
 
 Crash safety: a blob appears only by renaming a complete, fsynced temporary in its own
 directory, and `source/` goes only after every blob of the run is durable, so a crash
@@ -80,12 +82,21 @@ def _blob_matches(blob: Path, size: int) -> bool:
     return params.content_size == size
 
 
-def store_run(run_dir: Path, store: Path, progress: ProgressFn = no_progress) -> int:
+def store_runs(run_dirs: Iterable[Path], store: Path, progress: ProgressFn = no_progress) -> int:
+    """`store_run` for each dir of one run (its staged export, and share mode's de-identified
+    copy, which has the same manifest and `source/` shape), as one `storing` progress stage."""
+    run_dirs = list(run_dirs)
+    total = sum(size for d in run_dirs for _, size, _ in manifest_blobs(read_manifest(d)))
+    return sum(store_run(d, store, progress, total) for d in run_dirs)
+
+
+def store_run(run_dir: Path, store: Path, progress: ProgressFn = no_progress, total: int | None = None) -> int:
     """Move the run's plain `source/` files into the store; returns the bytes of new blobs.
 
-    Progress (`storing`, plain bytes) for a file is reported after its blob is durable,
-    so a fault at the stage's full total lands between the last blob and the removal of
-    `source/`. Already stored (no `source/`): checks every blob is there.
+    Progress (`storing`, plain bytes, out of `total`: this dir's bytes unless given) for a
+    file is reported after its blob is durable, so a fault at the stage's full total lands
+    between the last blob and the removal of `source/`. Already stored (no `source/`):
+    checks every blob is there.
     """
     files = manifest_blobs(read_manifest(run_dir))
     source = run_dir / SOURCE_DIR
@@ -93,7 +104,8 @@ def store_run(run_dir: Path, store: Path, progress: ProgressFn = no_progress) ->
         if any(not _blob_matches(blob_path(store, sha), size) for _, size, sha in files):
             raise StateError("a staged file of this run is missing from staging/store; run `healthdelta doctor`")
         return 0
-    total = sum(size for _, size, _ in files)
+    if total is None:
+        total = sum(size for _, size, _ in files)
     written = 0
     made_dirs = not store.is_dir()
     store.mkdir(parents=True, exist_ok=True)
