@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import time
 import zipfile
 from pathlib import Path
 

@@ -13,7 +13,6 @@ from healthdelta.cli.progress import ProgressDisplay, command_plan
 from healthdelta.layout import OutLayout
 from healthdelta.progress import stage_unit
 
-from conftest import write_mini_export
 
 
 def _lines(plan, calls, mode="always") -> list[str]:
