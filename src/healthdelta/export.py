@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from healthdelta import streamfile
+from healthdelta import reuse, streamfile
 from healthdelta.delta import write_stream
 from healthdelta.errors import UsageError
 from healthdelta.fsutil import TMP_PREFIX, WorkDir, atomic_write_json, fsync_dir
 from healthdelta.ndjson import STREAMS, SpillWriter, merge_stream
-from healthdelta.parse import ParseTask, iter_task, plan_tasks
+from healthdelta.parse import ParseTask, iter_task, iter_xml_range, plan_tasks, source_file
+from healthdelta.parse.healthkit import RangeSplitError
+from healthdelta.parse.xmlrepair import find_body_start
 from healthdelta.parse.report import ParseReport
 from healthdelta.progress import ProgressFn, no_progress
 
@@ -55,6 +57,8 @@ def export_run(
     workers: int | None = None,
     progress: ProgressFn = no_progress,
     compressed: bool = True,
+    keep_chunks: bool = True,
+    chunk_bytes: int | None = None,
 ) -> ExportResult:
     """Write `ndjson_parent/<run_id>/` atomically and return its counts.
 
@@ -62,11 +66,13 @@ def export_run(
     writes the plain canonical files; `streamfile` explains the two forms).
 
     The parent's NDJSON (for the delta) is `ndjson_parent/<parent_run_id>/`; when it
-    does not exist every row counts as added, as for a first run.
+    does not exist every row counts as added, as for a first run. export.xml chunks
+    unchanged since the parent are not parsed again when the parent kept its chunk
+    cache (`reuse.py`); `keep_chunks` keeps this run's for the next one.
     """
     layout = json.loads((run_dir / "layout.json").read_text(encoding="utf-8"))
     workers = workers or default_workers()
-    tasks = plan_tasks(run_dir, layout, workers)
+    tasks = plan_tasks(run_dir, layout, workers, chunk_bytes)
     total = sum(t.size for t in tasks)
     parent_dir = ndjson_parent / parent_run_id if parent_run_id else None
     if parent_dir is not None and not (parent_dir / "delta.json").is_file():
@@ -74,20 +80,23 @@ def export_run(
     with WorkDir(ndjson_parent, run_id) as work:
         spill_dir = work.path / ".spill"
         points_dir = work.path / "local" / "route_points"
+        cache_dir = work.path / (reuse.CACHE_DIR if keep_chunks else ".chunks")
         spill_dir.mkdir()
         points_dir.mkdir(parents=True)
         report = ParseReport()
         spills: dict[str, list[Path]] = {s: [] for s in STREAMS}
-        args = (run_dir, spill_dir, points_dir, run_id, person_id)
+        chunks: dict[str, reuse.Entry] = {}
+        reused = [0, 0]  # chunks, bytes
+        args = (run_dir, spill_dir, points_dir, run_id, person_id, parent_dir, cache_dir)
         if workers == 1 or total < IN_PROCESS_BELOW:
             results = (_parse_task(i, task, *args) for i, task in enumerate(tasks))
-            _collect(results, tasks, spills, report, progress, total)
+            _collect(results, tasks, spills, report, chunks, reused, progress, total)
         else:
             ctx = multiprocessing.get_context("spawn")
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
             try:
                 futures = [pool.submit(_parse_task, i, task, *args) for i, task in enumerate(tasks)]
-                _collect((f.result() for f in futures), tasks, spills, report, progress, total)
+                _collect((f.result() for f in futures), tasks, spills, report, chunks, reused, progress, total)
             finally:
                 # On a failure (a damaged file, Ctrl-C) do not parse the rest first.
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -97,6 +106,10 @@ def export_run(
         for p in spill_dir.iterdir():
             p.unlink()
         spill_dir.rmdir()
+        if keep_chunks:
+            reuse.write_index(cache_dir, chunks)
+        elif cache_dir.exists():
+            shutil.rmtree(cache_dir)
         result = ExportResult(run_id, parent_run_id if parent_dir else None, counts, delta, report.as_dict())
         atomic_write_json(work.path / "delta.json", {
             "schema_version": SCHEMA_VERSION,
@@ -112,6 +125,9 @@ def export_run(
             "counts": counts,
             "parse": report.as_dict(),
         })
+        # Beside the canonical files, not in them: how much parsing was saved.
+        atomic_write_json(work.path / "reuse.json", {"chunks": len(chunks), "reused_chunks": reused[0],
+                                                     "reused_bytes": reused[1], "parsed_bytes": total - reused[1]})
         work.commit(ndjson_parent / run_id)
     return result
 
@@ -162,19 +178,77 @@ def plain_copy(ndjson_dir: Path, out: Path) -> ExportResult:
 
 
 def _parse_task(index: int, task: ParseTask, run_dir: Path, spill_dir: Path, points_dir: Path,
-                run_id: str, person_id: str) -> tuple[dict[str, list[Path]], ParseReport]:
-    """Worker body: parse one task into sorted spill runs (top level so it pickles)."""
+                run_id: str, person_id: str, parent_dir: Path | None, cache_dir: Path):
+    """Worker body: parse one task into sorted spill runs (top level so it pickles).
+    Returns the spill files, the parse report, the task's chunk cache entries and
+    the (chunks, bytes) it reused."""
     report = ParseReport()
     writer = SpillWriter(spill_dir, run_id, person_id, prefix=f"t{index:04d}")
-    writer.add_all(iter_task(run_dir, task, report, points_dir))
-    return writer.close(), report
+    if not task.chunks:
+        writer.add_all(iter_task(run_dir, task, report, points_dir))
+        return writer.close(), report, {}, (0, 0)
+    cache_out = reuse.ChunkWriter(cache_dir, f"t{index:04d}.zst")
+    try:
+        reused = _parse_chunks(task, run_dir, writer, report, reuse.ChunkCache.open(parent_dir), cache_out,
+                               run_id, person_id)
+    finally:
+        entries = cache_out.close()
+    return writer.close(), report, entries, reused
 
 
-def _collect(results, tasks, spills, report, progress, total) -> None:
-    for task, (task_spills, task_report) in zip(tasks, results):
+def _parse_chunks(task: ParseTask, run_dir: Path, writer: SpillWriter, report: ParseReport,
+                  cache: reuse.ChunkCache | None, cache_out: reuse.ChunkWriter, run_id: str,
+                  person_id: str) -> tuple[int, int]:
+    """Each chunk of an export.xml task: its rows from the parent's cache when its
+    identity is known there, else parsed; either way recorded in this run's cache."""
+    staged = task.paths[0]
+    path = run_dir / staged
+    src = source_file(staged)
+    size = path.stat().st_size
+    chunks = list(task.chunks)
+    reused = [0, 0]
+    with open(path, "rb") as f:
+        first = find_body_start(f, size)
+        i = 0
+        while i < len(chunks):
+            start, end = chunks[i]
+            f.seek(start)
+            ident = reuse.chunk_identity(f.read(end - start), source_file=src, person_id=person_id,
+                                         opens=start <= first, closes=end >= size)
+            hit = cache.get(ident, run_id) if cache is not None else None
+            if hit is not None:
+                chunk_report, lines = hit.report, hit.lines
+                cache_out.copy(ident, hit.frame, hit.entry.run_id)
+                reused[0] += 1
+                reused[1] += end - start
+            else:
+                chunk_report = ParseReport()
+                try:
+                    lines = [(stream, writer.line(row))
+                             for stream, row in iter_xml_range(run_dir, staged, chunk_report, (start, end))]
+                except RangeSplitError:
+                    if i + 1 == len(chunks):
+                        raise
+                    # A cut a hand-edited file fooled: the chunk goes on into the next one.
+                    chunks[i:i + 2] = [(start, chunks[i + 1][1])]
+                    continue
+                cache_out.add(ident, chunk_report, lines, run_id)
+            report.merge(chunk_report)
+            for stream, line in lines:
+                writer.add_line(stream, line)
+            i += 1
+    return reused[0], reused[1]
+
+
+def _collect(results, tasks, spills, report, chunks, reused, progress, total) -> None:
+    for task, (task_spills, task_report, task_chunks, task_reused) in zip(tasks, results):
         for stream, paths in task_spills.items():
             spills[stream].extend(paths)
         report.merge(task_report)
+        for ident, entry in task_chunks.items():
+            chunks.setdefault(ident, entry)
+        reused[0] += task_reused[0]
+        reused[1] += task_reused[1]
         progress("parsing", task.size, total)
 
 

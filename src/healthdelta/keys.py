@@ -28,6 +28,17 @@ def strip_device_pointer(device: str) -> str:
     return _DEVICE_POINTER.sub("0x", device)
 
 
+# The same address as export.xml's bytes hold it (`&lt;&lt;HKDevice: 0x283a1c7d0&gt;`).
+# export.xml is parsed with it blanked, so rows never carry it and a re-export whose only
+# change is new addresses is, to the parser, the same bytes (parse reuse, docs/ndjson.md).
+_RAW_DEVICE_POINTER = re.compile(rb"HKDevice: 0x[0-9a-fA-F]+")
+
+
+def blank_device_pointers(data: bytes) -> bytes:
+    """`HKDevice: 0x283a1c7d0` -> `HKDevice: 0x` wherever it occurs in `data`."""
+    return _RAW_DEVICE_POINTER.sub(b"HKDevice: 0x", data)
+
+
 class RecordTooDeep(InputError, orjson.JSONEncodeError):
     """A record nested deeper than the canonical encoding allows (orjson stops at 255
     levels). An InputError, so the user gets one clear line instead of an internal

@@ -68,14 +68,20 @@ class SpillWriter:
     _buffers: dict[str, list[bytes]] = field(default_factory=dict)
 
     def add(self, stream: str, row: dict[str, Any]) -> None:
+        self.add_line(stream, self.line(row))
+
+    def line(self, row: dict[str, Any]) -> bytes:
+        """The spill line of a parser's row, completed with the common fields."""
         nested = row.pop("_nested", False)
         row["schema_version"] = SCHEMA_VERSION
         row["run_id"] = self.run_id
         row["canonical_person_id"] = self.person_id
-        line = b"%s\t%s\t%s\t%s\n" % (
+        return b"%s\t%s\t%s\t%s\n" % (
             sort_key(row.get("event_time")), row["record_key"].encode("ascii"),
             b"n" if nested else b"-", encode_row(row),
         )
+
+    def add_line(self, stream: str, line: bytes) -> None:
         buf = self._buffers.setdefault(stream, [])
         buf.append(line)
         self.counts[stream] = self.counts.get(stream, 0) + 1

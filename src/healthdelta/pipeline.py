@@ -10,13 +10,14 @@ leftovers (it holds the state lock, so nobody else owns them).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from healthdelta import deid, export, identity, ingest, lineage, registry, stagestore
+from healthdelta import deid, export, identity, ingest, lineage, registry, reuse, stagestore
 from healthdelta.errors import InputError, StateError, UsageError
 from healthdelta.fingerprint import Fingerprint, run_id as compute_run_id
 from healthdelta.fsutil import StateLock, WorkDir, atomic_write_json, fsync_dir, remove_orphan_tmp_dirs
@@ -298,6 +299,11 @@ def _after_staging(run: _NewRun, identity_work: IdentityWork) -> PipelineResult:
         lineage={"owner_person_id": ident.owner_person_id, "delta_base_run_id": base_id,
                  "export_date": export_date},
     )
+    if base_id is not None:
+        # The base is no longer its person's latest run, so no run will reuse its parse.
+        # The run is registered already: a cache that stays is only bytes, never wrong.
+        with contextlib.suppress(OSError):
+            reuse.drop(layout.ndjson / base_id)
     return PipelineResult(
         status="created",
         run_id=run_id,
@@ -414,7 +420,7 @@ def export_ndjson(run_dir: Path, out: Path, progress: ProgressFn = no_progress) 
     with stagestore.plain_run(run_dir) as plain:
         return export.export_run(plain, out, run_id=run_id, parent_run_id=manifest.get("parent_run_id"),
                                  person_id=identity.provisional_person_id(run_id), progress=progress,
-                                 compressed=False)
+                                 compressed=False, keep_chunks=False)
 
 
 def ingest_only(input_path: Path, staging_parent: Path, progress: ProgressFn = no_progress) -> tuple[str, Path]:

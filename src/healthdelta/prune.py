@@ -18,7 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from healthdelta import identity, ingest, lineage, registry, stagestore, streamfile
+from healthdelta import identity, ingest, lineage, registry, reuse, stagestore, streamfile
 from healthdelta.errors import HealthDeltaError, UsageError
 from healthdelta.fsutil import StateLock
 from healthdelta.layout import OutLayout
@@ -37,7 +37,7 @@ def bulky_paths(layout: OutLayout, run_id: str) -> list[Path]:
     """What pruning removes of one run (those that exist)."""
     ndjson = layout.ndjson / run_id
     paths = [layout.staging_dir(run_id) / ingest.SOURCE_DIR, layout.deid / run_id,
-             ndjson / "index", ndjson / "local"]
+             ndjson / "index", ndjson / "local", ndjson / reuse.CACHE_DIR]
     paths += [ndjson / streamfile.file_name(stream, compressed=c) for stream in STREAMS for c in (True, False)]
     return [p for p in paths if p.exists() or p.is_symlink()]
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from healthdelta.errors import InputError
 from healthdelta.keys import record_key, strip_device_pointer
-from healthdelta.parse.healthkit import _iter_healthkit, convert_date, iter_healthkit, plan_ranges, read_me
+from healthdelta.parse.healthkit import _iter_healthkit, convert_date, iter_healthkit, plan_chunks, read_me
 from healthdelta.parse.report import ParseReport
 
 FIXTURE_XML = Path(__file__).resolve().parents[1] / "fixtures" / "apple-sample-export" / "apple_health_export" / "export.xml"
@@ -190,7 +190,8 @@ def test_every_kind_becomes_its_row(tmp_path: Path) -> None:
 
     hr = by_kind(rows, "Record")[0]
     assert hr["value"] == 72 and isinstance(hr["value"], int)
-    assert hr["device"].startswith("<<HKDevice: 0x283a1c7d0>, name:Apple Watch")
+    # The pointer is a memory address, different in every export of the same sample.
+    assert hr["device"].startswith("<<HKDevice: 0x>, name:Apple Watch")
     assert hr["source_name"] == "Jane’s Apple Watch"
     assert hr["event_time"] == hr["start_date"] == "2024-02-03T16:14:22Z"
     assert hr["start_date_local"] == "2024-02-03T08:14:22-08:00"
@@ -251,8 +252,10 @@ def test_correlation_children_link_to_their_top_level_twins(tmp_path: Path) -> N
     nested = [row for stream, row in rows if row.get("_nested")]
     (corr,) = [row for stream, row in rows if stream == "correlations"]
     assert len(top) == len(nested) == 2
-    # The nested systolic copy has another device pointer: still the same record.
-    assert top[0]["device"] != nested[0]["device"]
+    # The nested systolic copy has another device pointer in the file: still the same record,
+    # and the same row (rows never carry the pointer).
+    assert len(set(re.findall(r"HKDevice: 0x[0-9a-f]+", CORRELATION))) == 2
+    assert top[0]["device"] == nested[0]["device"]
     assert [r["record_key"] for r in top] == [r["record_key"] for r in nested] == corr["member_keys"]
     assert corr["metadata"] == {"HKWasUserEntered": "0"} and corr["type"] == "HKCorrelationTypeIdentifierBloodPressure"
 
@@ -420,28 +423,30 @@ def test_trailing_content_after_the_root_is_ignored_and_counted(tmp_path: Path) 
     assert len(rows) == 1 and report.repairs["trailing_content_ignored"] == 1
 
 
-# --------------------------------------------------------------------------- ranges
+# --------------------------------------------------------------------------- chunks
 
 
-def test_plan_ranges_concatenate_to_the_single_stream(tmp_path: Path) -> None:
+def test_chunks_concatenate_to_the_single_stream(tmp_path: Path) -> None:
     path = write(tmp_path, export_text((ALL_KINDS + HR + ENERGY) * 40))
     whole, whole_report = parse(path)
     size = path.stat().st_size
-    for parts in (1, 2, 3, 7, 40):
-        ranges = plan_ranges(path, parts)
-        assert ranges[0][0] == export_text("").index("<HealthData") and ranges[-1][1] == size
-        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
-        if parts > 1:
-            assert len(ranges) > 1
+    for target in (1 << 30, 4096, 1500, 300):
+        chunks = plan_chunks(path, target, max(1, target // 16))
+        assert chunks[0][0] == export_text("").index("<HealthData") and chunks[-1][1] == size
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:], strict=False))
+        if target < 1 << 20:
+            assert len(chunks) > 3
         report = ParseReport()
-        rows = [row for r in ranges for row in iter_healthkit(path, report, byte_range=r)]
+        rows = [row for r in chunks for row in iter_healthkit(path, report, byte_range=r)]
         assert rows == whole and report.elements == whole_report.elements
 
 
-def test_plan_ranges_never_splits_inside_an_element(tmp_path: Path) -> None:
+def test_chunks_never_split_inside_an_element(tmp_path: Path) -> None:
     path = write(tmp_path, export_text(CORRELATION * 50 + HRV * 50))
     text = path.read_bytes()
-    for start, _ in plan_ranges(path, 30)[1:]:
+    starts = [start for start, _ in plan_chunks(path, 500, 64)[1:]]
+    assert len(starts) > 10
+    for start in starts:
         assert text[start:start + 2] == b" <"
         assert text[start:].startswith((b" <Record", b" <Correlation"))
         # not a nested Record: the previous line closes a top-level element
@@ -449,9 +454,20 @@ def test_plan_ranges_never_splits_inside_an_element(tmp_path: Path) -> None:
         assert b"</Correlation>" not in text[start:text.index(b"\n", start)]
 
 
-def test_plan_ranges_single_stream_fallback(tmp_path: Path) -> None:
+def test_chunks_start_where_a_type_group_starts(tmp_path: Path) -> None:
+    """Apple groups Records by type and a re-export appends to each group: a group's
+    first element always starts a chunk, so growth of one group moves no other cut."""
+    path = write(tmp_path, export_text(HR * 30 + ENERGY * 30 + CORRELATION * 10))
+    text = path.read_bytes()
+    starts = {start for start, _ in plan_chunks(path, 2000, 200)}
+    for first in (text.index(b" <Record type=\"HKQuantityTypeIdentifierActiveEnergyBurned"),
+                  text.index(b" <Correlation")):
+        assert first in starts
+
+
+def test_chunks_single_chunk_fallback(tmp_path: Path) -> None:
     path = write(tmp_path, export_text(HR.strip() + ENERGY.strip()).replace("\n", ""))
-    assert plan_ranges(path, 4) == [(path.read_bytes().index(b"<HealthData"), path.stat().st_size)]
+    assert plan_chunks(path, 10, 4) == [(path.read_bytes().index(b"<HealthData"), path.stat().st_size)]
 
 
 def test_a_wrong_range_is_an_error_not_silent_data(tmp_path: Path) -> None:
@@ -526,5 +542,6 @@ def test_synthetic_export_fast_equals_lxml(tmp_path: Path) -> None:
     assert report.elements["Record"] == export.counts["records"]
     assert report.elements["Workout"] == export.counts["workouts"]
     assert sum(stream == "observations" and not row.get("_nested") for stream, row in rows) == export.counts["records"]
-    ranges = plan_ranges(path, 3)
+    ranges = plan_chunks(path, 50_000, 4096)
+    assert len(ranges) > 3
     assert [row for r in ranges for row in iter_healthkit(path, ParseReport(), byte_range=r)] == rows

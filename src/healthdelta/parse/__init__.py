@@ -27,6 +27,7 @@ class ParseTask:
     paths: tuple[str, ...]  # staged paths relative to the run dir (`source/...`)
     byte_range: tuple[int, int] | None = None
     size: int = 0  # bytes of input this task covers (progress)
+    chunks: tuple[tuple[int, int], ...] = ()  # export.xml: the content-defined chunks of byte_range
 
 
 def source_file(staged_path: str) -> str:
@@ -34,15 +35,22 @@ def source_file(staged_path: str) -> str:
     return staged_path.split("/", 1)[1]
 
 
-def plan_tasks(run_dir: Path, layout: dict, workers: int) -> list[ParseTask]:
-    from healthdelta.parse.healthkit import plan_ranges
+def plan_tasks(run_dir: Path, layout: dict, workers: int, chunk_bytes: int | None = None) -> list[ParseTask]:
+    """export.xml in content-defined chunks (the unit of parse reuse, `reuse.py`), grouped
+    into ranges of about RANGE_BYTES (one range with one worker); the other files grouped."""
+    from healthdelta.parse.healthkit import CHUNK_TARGET, CHUNK_WINDOW, plan_chunks
 
     tasks: list[ParseTask] = []
     xml = layout["export_xml"]
-    size = (run_dir / xml).stat().st_size
-    parts = max(1, min(256, size // RANGE_BYTES)) if workers > 1 else 1
-    for start, end in plan_ranges(run_dir / xml, parts):
-        tasks.append(ParseTask("export_xml", (xml,), (start, end), end - start))
+    target = chunk_bytes or CHUNK_TARGET
+    chunks = plan_chunks(run_dir / xml, target, max(1, target * CHUNK_WINDOW // CHUNK_TARGET))
+    group: list[tuple[int, int]] = []
+    for i, chunk in enumerate(chunks):
+        group.append(chunk)
+        if i + 1 == len(chunks) or workers > 1 and group[-1][1] - group[0][0] >= RANGE_BYTES:
+            start, end = group[0][0], group[-1][1]
+            tasks.append(ParseTask("export_xml", (xml,), (start, end), end - start, tuple(group)))
+            group = []
     if layout.get("export_cda_xml"):
         cda = layout["export_cda_xml"]
         tasks.append(ParseTask("export_cda_xml", (cda,), size=(run_dir / cda).stat().st_size))
@@ -60,14 +68,7 @@ def iter_task(run_dir: Path, task: ParseTask, report: ParseReport,
               points_dir: Path | None = None) -> Iterator[tuple[str, dict]]:
     """Rows of one task. GPX points go to `points_dir/<record_key>.ndjson` (local only)."""
     if task.kind == "export_xml":
-        from healthdelta.parse.healthkit import iter_healthkit
-
-        try:
-            yield from iter_healthkit(run_dir / task.paths[0], report, source_file=source_file(task.paths[0]),
-                                      byte_range=task.byte_range)
-        except RecursionError:
-            # Row and key builders recurse per nesting level; Apple's elements nest 3 deep.
-            raise InputError("export.xml is nested too deeply to be an Apple Health export") from None
+        yield from iter_xml_range(run_dir, task.paths[0], report, task.byte_range)
         return
     for staged in task.paths:
         path, rel = run_dir / staged, source_file(staged)
@@ -85,6 +86,18 @@ def iter_task(run_dir: Path, task: ParseTask, report: ParseReport,
             yield from iter_ecg(path, report, source_file=rel)
         elif task.kind == "workout_route_gpx":
             yield from _iter_route(path, rel, report, points_dir)
+
+
+def iter_xml_range(run_dir: Path, staged: str, report: ParseReport,
+                   byte_range: tuple[int, int] | None) -> Iterator[tuple[str, dict]]:
+    """Rows of one byte range of export.xml (`staged`, relative to the run dir)."""
+    from healthdelta.parse.healthkit import iter_healthkit
+
+    try:
+        yield from iter_healthkit(run_dir / staged, report, source_file=source_file(staged), byte_range=byte_range)
+    except RecursionError:
+        # Row and key builders recurse per nesting level; Apple's elements nest 3 deep.
+        raise InputError("export.xml is nested too deeply to be an Apple Health export") from None
 
 
 def _iter_route(path: Path, rel: str, report: ParseReport, points_dir: Path | None):

@@ -519,6 +519,8 @@ def _healthkit_text(node: Node) -> dict[str, Any]:
     """Apple's `<text>` block: the HealthKit sample's source, device, type and metadata."""
     text = _kid(node, "text")
     out: dict[str, Any] = {field: _text(_kid(text, tag)) for tag, field in _HEALTHKIT_TEXT}
+    if out["device"] is not None:  # a memory address, as in export.xml: rows never carry it
+        out["device"] = strip_device_pointer(out["device"])
     out["metadata"] = {}
     for entry in _kids(text, "metadataEntry"):
         key = _text(_kid(entry, "key"))

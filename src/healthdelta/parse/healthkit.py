@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from datetime import date
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from healthdelta.errors import InputError
-from healthdelta.keys import record_key, strip_device_pointer
+from healthdelta.keys import blank_device_pointers, record_key, strip_device_pointer
 from healthdelta.parse.report import ParseReport
 from healthdelta.parse.xmlrepair import CHUNK_BYTES, find_body_start, iter_text_chunks, repair_text
 
@@ -102,6 +103,11 @@ _device_value = lru_cache(maxsize=1 << 12)(_attr_value)
 # --------------------------------------------------------------------------- cursor
 
 
+class RangeSplitError(InputError):
+    """A byte range ended inside an element: the cut before it was not between
+    top-level elements (only a hand-edited file can fool the cut rule)."""
+
+
 class _Cursor:
     """Where the parse of one byte range stands; read by error messages."""
 
@@ -133,7 +139,7 @@ class _Cursor:
 
     @staticmethod
     def bad_split() -> InputError:
-        return InputError("export.xml byte range does not end at a top-level element boundary")
+        return RangeSplitError("export.xml byte range does not end at a top-level element boundary")
 
 
 # --------------------------------------------------------------------------- tier 1: line shapes
@@ -1171,7 +1177,7 @@ def iter_healthkit(
 
     Streams with flat memory: the file is read in 4 MiB chunks and nothing but
     the current chunk (and a top-level element crossing its end) is held.
-    `byte_range` (from `plan_ranges`) restricts the parse to one slice of the
+    `byte_range` (from `plan_chunks`) restricts the parse to one slice of the
     body; the slices' rows concatenated are the whole file's rows. `person`, when it holds `canonical_person_id`,
     stamps it on every row. A file that ends early raises InputError (rows
     already yielded belong to a failed run and must be discarded).
@@ -1199,7 +1205,7 @@ def _iter_healthkit(
         start = max(start, body)
         cur = _Cursor(in_root=start > body, size=size, start=start, end=end)
         builder = _RowBuilder(report, source_file, person)
-        chunks = iter_text_chunks(f, start, end, report.repairs, chunk_bytes)
+        chunks = iter_text_chunks(f, start, end, report.repairs, chunk_bytes, transform=blank_device_pointers)
         yield from _iter_rows(chunks, cur, builder, report, force_slow)
 
 
@@ -1239,7 +1245,7 @@ def read_me(path: Path) -> dict:
     return out
 
 
-# --------------------------------------------------------------------------- ranges
+# --------------------------------------------------------------------------- cuts
 
 # Apple indents top-level elements by exactly one space, their children by more.
 _TOP_LINE = re.compile(rb"\n <([A-Za-z_][\w.:-]*)[ \t\r\n/>]")
@@ -1250,55 +1256,142 @@ _SPLIT_SCAN_BYTES = 1 << 20
 _SPLIT_SCAN_LIMIT = 64 << 20
 
 
-def plan_ranges(path: Path, parts: int) -> list[tuple[int, int]]:
-    """Split the body of `export.xml` into about `parts` byte ranges [start, end)
-    that together cover it exactly, cutting only between top-level elements.
+def _valid_cuts(window: bytes, search: int) -> Iterator[int]:
+    """Offsets in `window`, from `search` on, where export.xml may be cut: the start of
+    a line ` <Tag` (Apple indents top-level elements by one space, their children by
+    more) whose previous line ends a top-level element (` <X .../>` or ` </X>`), both
+    tags being ones Apple writes at the top level. A cut that were wrong anyway (a
+    hand-edited file) cannot go unnoticed: the parse of a byte range checks that it
+    ends at depth zero and raises RangeSplitError otherwise."""
+    while True:
+        m = _TOP_LINE.search(window, search)
+        if m is None:
+            return
+        i = m.start()
+        search = i + 1
+        prev_nl = window.rfind(b"\n", 0, i)
+        if prev_nl < 0 or m.group(1) not in _TOP_TAGS:
+            continue
+        prev = window[prev_nl + 1:i].rstrip(b"\r")
+        tag = _LINE_TAG.match(prev)
+        if tag is None or tag.group(1) not in _TOP_TAGS:
+            continue
+        if prev.startswith(b" </") and prev.endswith(b">") or prev.endswith(b"/>") and prev[2:3] != b"/":
+            yield i + 1
 
-    A cut is placed at the start of a line ` <Tag` (Apple indents top-level
-    elements by one space, their children by more) whose previous line ends a
-    top-level element (` <X .../>` or ` </X>`), both tags being ones Apple
-    writes at the top level. Where no such place is found nearby, that cut is
-    skipped; at worst one range is returned. A cut that were wrong anyway (a
-    hand-edited file) cannot go unnoticed: each range's parse checks that it
-    ends at depth zero and raises otherwise.
-    """
-    path = Path(path)
-    with open(path, "rb") as f:
-        size = _size(f)
-        body = find_body_start(f, size)
-        cuts = [body]
-        if parts > 1:
-            span = size - body
-            for i in range(1, parts):
-                target = max(body + span * i // parts, cuts[-1] + 1)
-                cut = _find_cut(f, target, size)
-                if cut is not None and cut > cuts[-1] and cut < size:
-                    cuts.append(cut)
-    cuts.append(size)
-    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a] or [(body, size)]
+
+def _read_at(f: Any, start: int, n: int) -> tuple[int, bytes]:
+    start = max(start, 0)
+    f.seek(start)
+    return start, f.read(n)
 
 
 def _find_cut(f: Any, target: int, size: int) -> int | None:
     pos = target
     while pos < size and pos - target < _SPLIT_SCAN_LIMIT:
-        f.seek(max(pos - 4096, 0))
-        back = pos - max(pos - 4096, 0)
-        window = f.read(back + _SPLIT_SCAN_BYTES)
-        search = back
-        while True:
-            m = _TOP_LINE.search(window, search)
-            if m is None:
-                break
-            i = m.start()
-            search = i + 1
-            prev_nl = window.rfind(b"\n", 0, i)
-            if prev_nl < 0 or m.group(1) not in _TOP_TAGS:
-                continue
-            prev = window[prev_nl + 1:i].rstrip(b"\r")
-            tag = _LINE_TAG.match(prev)
-            if tag is None or tag.group(1) not in _TOP_TAGS:
-                continue
-            if prev.startswith(b" </") and prev.endswith(b">") or prev.endswith(b"/>") and prev[2:3] != b"/":
-                return pos - back + i + 1
+        offset, window = _read_at(f, pos - 4096, 4096 + _SPLIT_SCAN_BYTES)
+        cut = next(_valid_cuts(window, pos - offset), None)
+        if cut is not None:
+            return offset + cut
         pos += _SPLIT_SCAN_BYTES
     return None
+
+
+# --------------------------------------------------------------------------- chunks
+
+# Content-defined chunks (export.py reuses a chunk's rows from the previous export when
+# its bytes, device pointers blanked, are unchanged). Apple writes Records grouped by
+# type and a re-export adds new samples at the end of each group, so a chunk starts
+# wherever a group starts; within a group, the cut after about CHUNK_TARGET bytes is the
+# top-level line with the lowest hash in the next CHUNK_WINDOW bytes, so an edit moves
+# only the cuts near it and the ones after it fall where they fell before.
+CHUNK_TARGET = 1 << 20
+CHUNK_WINDOW = 64 << 10
+_LINE_SLACK = 64 << 10  # read past a window so that its last candidate line is whole
+_BISECT_STOP = 8 << 10
+_SECTION = re.compile(rb' <([A-Za-z_][\w.:-]*)(?:[^\n>]*? type="([^"]*)")?')
+
+
+def plan_chunks(path: Path, target: int = CHUNK_TARGET, window: int = CHUNK_WINDOW) -> list[tuple[int, int]]:
+    """Content-defined chunks [start, end) covering the body of `export.xml` exactly,
+    cut only between top-level elements (`_valid_cuts`)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        size = _size(f)
+        body = find_body_start(f, size)
+        cuts = [body]
+        while size - cuts[-1] > target + window:
+            cut = _next_chunk_cut(f, cuts[-1], target, window, size)
+            if cut is None or cut <= cuts[-1] or cut >= size:
+                break
+            cuts.append(cut)
+    cuts.append(size)
+    return list(zip(cuts, cuts[1:]))
+
+
+def _section_at(f: Any, pos: int) -> tuple[int, bytes] | None:
+    """(offset, group) of the first top-level element starting at or after `pos`; the
+    group is the tag and the `type` attribute (Records are grouped by type)."""
+    for span in (_LINE_SLACK, _SPLIT_SCAN_BYTES):  # elements are short: look near first
+        offset, window = _read_at(f, pos - 4096, 4096 + span)
+        cut = next(_valid_cuts(window, pos - offset), None)
+        if cut is not None and window.find(b"\n", cut) >= 0:
+            return offset + cut, _group(window, cut)
+    return None
+
+
+def _group(window: bytes, at: int) -> bytes:
+    m = _SECTION.match(window, at)
+    return b"" if m is None else m.group(1) + b"\0" + (m.group(2) or b"")
+
+
+def _next_chunk_cut(f: Any, pos: int, target: int, window: int, size: int) -> int | None:
+    far = pos + target + window
+    here, there = _section_at(f, pos), _section_at(f, far)
+    if here is not None and there is not None and there[1] != here[1]:
+        change = _group_change(f, here[0], there[0], here[1])
+        if change is not None and change > pos:
+            return change
+    return _winnow(f, pos + target, window) or _find_cut(f, far, size)
+
+
+def _group_change(f: Any, lo: int, hi: int, group: bytes) -> int | None:
+    """The first element in (lo, hi] whose group differs from `group` (the element at
+    `lo` is in it, the one at `hi` is not), by bisection over byte positions: groups are
+    contiguous in Apple's files (where they are not, a cut is only less useful)."""
+    while hi - lo > _BISECT_STOP:
+        mid = (lo + hi) // 2
+        found = _section_at(f, mid)
+        if found is None:
+            return None
+        if found[1] == group:
+            lo = mid
+        else:
+            hi = mid
+    end = _section_at(f, hi)
+    if end is None:
+        return None
+    offset, window = _read_at(f, lo - 4096, end[0] - lo + 4096 + _LINE_SLACK)
+    for cut in _valid_cuts(window, lo - offset):
+        if offset + cut > end[0]:
+            return None
+        if _group(window, cut) != group:
+            return offset + cut
+    return None
+
+
+def _winnow(f: Any, start: int, window: int) -> int | None:
+    """The top-level element starting in [start, start + window) whose first line
+    (device pointers blanked) hashes lowest."""
+    offset, data = _read_at(f, start - 4096, 4096 + window + _LINE_SLACK)
+    best: tuple[int, int] | None = None
+    for cut in _valid_cuts(data, start - offset):
+        if offset + cut >= start + window:
+            break
+        end = data.find(b"\n", cut)
+        if end < 0:
+            break
+        score = zlib.crc32(blank_device_pointers(data[cut:end]))
+        if best is None or score < best[0]:
+            best = (score, offset + cut)
+    return None if best is None else best[1]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from healthdelta.errors import InputError
@@ -134,13 +134,15 @@ def _repair_references(data: bytes, repairs: Counter[str]) -> bytes:
 
 
 def iter_text_chunks(
-    f: BinaryIO, start: int, end: int, repairs: Counter[str], chunk_bytes: int = CHUNK_BYTES
+    f: BinaryIO, start: int, end: int, repairs: Counter[str], chunk_bytes: int = CHUNK_BYTES,
+    transform: Callable[[bytes], bytes] | None = None,
 ) -> Iterator[tuple[str, int, bool]]:
     """Repaired text of bytes [start, end) as (text, byte offset after it, is_last).
 
     Chunks end right after a `>`, which is ASCII (never inside a multi-byte
     character) and never inside an entity reference, so per-chunk decoding and
-    repair see whole characters and whole references.
+    repair see whole characters and whole references. `transform` is applied to
+    each chunk's bytes before repair (so only to whole `>`-delimited pieces).
     """
     f.seek(start)
     pos = start
@@ -163,8 +165,10 @@ def iter_text_chunks(
         else:
             pending = b""
         last_sent = pos >= end
+        if transform is not None:
+            data = transform(data)
         text = repair_text(data, repairs)
         del data  # only the text stays alive while the caller works on it
         yield text, pos - len(pending), last_sent
     if not last_sent:
-        yield repair_text(pending, repairs), pos, True
+        yield repair_text(transform(pending) if transform is not None else pending, repairs), pos, True
