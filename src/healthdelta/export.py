@@ -217,25 +217,26 @@ def _parse_chunks(task: ParseTask, run_dir: Path, writer: SpillWriter, report: P
                                          opens=start <= first, closes=end >= size)
             hit = cache.get(ident, run_id) if cache is not None else None
             if hit is not None:
-                chunk_report, lines = hit.report, hit.lines
+                chunk_report, by_stream = hit.report, hit.lines
                 cache_out.copy(ident, hit.frame, hit.entry.run_id)
                 reused[0] += 1
                 reused[1] += end - start
             else:
                 chunk_report = ParseReport()
+                by_stream = {}
                 try:
-                    lines = [(stream, writer.line(row))
-                             for stream, row in iter_xml_range(run_dir, staged, chunk_report, (start, end))]
+                    for stream, row in iter_xml_range(run_dir, staged, chunk_report, (start, end)):
+                        by_stream.setdefault(stream, []).append(writer.line(row))
                 except RangeSplitError:
                     if i + 1 == len(chunks):
                         raise
                     # A cut a hand-edited file fooled: the chunk goes on into the next one.
                     chunks[i:i + 2] = [(start, chunks[i + 1][1])]
                     continue
-                cache_out.add(ident, chunk_report, lines, run_id)
+                cache_out.add(ident, chunk_report, by_stream, run_id)
             report.merge(chunk_report)
-            for stream, line in lines:
-                writer.add_line(stream, line)
+            for stream, stream_lines in by_stream.items():
+                writer.add_lines(stream, stream_lines)
             i += 1
     return reused[0], reused[1]
 

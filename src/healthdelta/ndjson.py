@@ -88,6 +88,14 @@ class SpillWriter:
         if len(buf) >= SPILL_ROWS:
             self._spill(stream)
 
+    def add_lines(self, stream: str, lines: list[bytes]) -> None:
+        """Many spill lines of one stream at once (a reused chunk's)."""
+        buf = self._buffers.setdefault(stream, [])
+        buf += lines
+        self.counts[stream] = self.counts.get(stream, 0) + len(lines)
+        if len(buf) >= SPILL_ROWS:
+            self._spill(stream)
+
     def add_all(self, rows: Iterable[tuple[str, dict[str, Any]]]) -> None:
         for stream, row in rows:
             self.add(stream, row)

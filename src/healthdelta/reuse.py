@@ -5,8 +5,8 @@ all earlier samples, so most of a re-export's chunks are known.
 
 A run's NDJSON dir keeps `chunks/`: one file of zstd frames per parse task and
 `index.json` (chunk identity -> file, offset, length, the run whose rows the frame
-holds). A frame is the chunk's parse report (one JSON line), then its spill lines,
-each prefixed by its stream and a tab. The identity covers everything a chunk's rows
+holds). A frame is one JSON line (the chunk's parse report and its number of lines per
+stream), then its spill lines, stream by stream. The identity covers everything a chunk's rows
 depend on besides its bytes: the parser's code, the file name rows carry, the person
 id and whether the chunk opens or closes the file. Rows carry the `run_id` of the run
 that parsed them; a reused frame's lines get the new run's id (exactly one per line,
@@ -74,7 +74,7 @@ class Entry:
 @dataclass(frozen=True)
 class Hit:
     report: ParseReport
-    lines: list[tuple[str, bytes]]  # (stream, spill line), with the new run's id
+    lines: dict[str, list[bytes]]  # stream -> spill lines, with the new run's id
     frame: bytes  # as stored, to be copied into the new run's cache
     entry: Entry
 
@@ -113,20 +113,24 @@ class ChunkCache:
         except (OSError, zstandard.ZstdError):
             return None
         head, _, body = data.partition(b"\n")
+        try:
+            doc = json.loads(head)
+            report = _report_from(doc["report"])
+            counts: dict[str, int] = doc["lines"]
+        except (ValueError, TypeError, AttributeError, KeyError):
+            return None
         old = b'"run_id":"%s"' % entry.run_id.encode("ascii")
-        n = body.count(b"\n")
-        if body.count(old) != n:
+        n = sum(counts.values())
+        if body.count(b"\n") != n or body.count(old) != n:
             return None
         if entry.run_id != run_id:
             body = body.replace(old, b'"run_id":"%s"' % run_id.encode("ascii"))
-        try:
-            report = _report_from(json.loads(head))
-        except (ValueError, TypeError, AttributeError):
-            return None
-        lines = []
-        for line in body.split(b"\n")[:-1]:
-            stream, _, spill = line.partition(b"\t")
-            lines.append((stream.decode("ascii"), spill + b"\n"))
+        rows = body.splitlines(keepends=True)
+        lines: dict[str, list[bytes]] = {}
+        at = 0
+        for stream, count in counts.items():
+            lines[stream] = rows[at:at + count]
+            at += count
         return Hit(report, lines, frame, entry)
 
 
@@ -148,10 +152,11 @@ class ChunkWriter:
         self._cctx = zstandard.ZstdCompressor(level=_LEVEL)
         self.entries: dict[str, Entry] = {}
 
-    def add(self, ident: str, report: ParseReport, lines: list[tuple[str, bytes]], run_id: str) -> None:
-        parts = [json.dumps(report.as_dict(), sort_keys=True).encode("utf-8"), b"\n"]
-        for stream, line in lines:
-            parts += (stream.encode("ascii"), b"\t", line)
+    def add(self, ident: str, report: ParseReport, lines: dict[str, list[bytes]], run_id: str) -> None:
+        head = {"report": report.as_dict(), "lines": {s: len(v) for s, v in sorted(lines.items())}}
+        parts = [json.dumps(head, sort_keys=True).encode("utf-8"), b"\n"]
+        for _, stream_lines in sorted(lines.items()):
+            parts += stream_lines
         self.copy(ident, self._cctx.compress(b"".join(parts)), run_id)
 
     def copy(self, ident: str, frame: bytes, run_id: str) -> None:
