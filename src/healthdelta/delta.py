@@ -39,13 +39,14 @@ def write_stream(
         raise StateError("the parent run's NDJSON has a key index but no stream file")
     p_keys = open_read(parent_index) if has_parent else None
     p_rows = open_read(parent_rows) if has_parent else None
+    write_row, write_index, write_added = rows.write, index.write, added.write
     try:
         p_ident = p_keys.readline()[:-1] if p_keys else b""
         for line in lines:
             ident = line[IDENT]
             row = line[JSON_START:]
-            rows.write(row)
-            index.write(ident + b"\n")
+            write_row(row)
+            write_index(ident + b"\n")
             n += 1
             while p_ident and p_ident < ident:
                 removed.write(p_rows.readline())
@@ -55,7 +56,7 @@ def write_stream(
                 p_rows.readline()
                 p_ident = p_keys.readline()[:-1]
             else:
-                added.write(row)
+                write_added(row)
                 n_added += 1
         while p_ident:
             removed.write(p_rows.readline())

@@ -151,6 +151,9 @@ class StreamWriter:
             self._out = io.BufferedWriter(self._sink, _BUFFER)
         else:
             self._out = io.BufferedWriter(self._raw, _BUFFER)
+        # Called once per row (several million per GB): the buffered writer's own method,
+        # not a wrapper around it.
+        self.write = self._out.write  # type: ignore[method-assign]
         return self
 
     def write(self, data: bytes) -> None:
