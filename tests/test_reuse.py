@@ -253,3 +253,10 @@ def test_run_all_reuses_the_previous_run_and_drops_its_cache(cli, tmp_path: Path
     figures = reuse_figures(b)
     assert figures["reused_chunks"] >= 1 and figures["reused_bytes"] > 0
     cli("doctor", "--out", str(out), check=True)
+    # Killed while dropping the base's cache (after registration): the renamed-away cache
+    # is an orphan doctor names and removes; the runs themselves are complete.
+    shutil.copytree(b / reuse.CACHE_DIR, out / "ndjson" / f".tmp-{reuse.CACHE_DIR}-{a.name}-999999999")
+    assert "orphan_tmp" in cli("doctor", "--out", str(out), "--json").stdout
+    cli("doctor", "--out", str(out), "--repair", check=True)
+    assert not list((out / "ndjson").glob(".tmp-*"))
+    cli("doctor", "--out", str(out), check=True)
