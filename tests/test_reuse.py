@@ -56,14 +56,16 @@ def staged(root: Path, xml: str) -> Path:
 
 
 def two_exports(tmp: Path, first: str, second: str, chunk_bytes: int, workers: int = 1) -> tuple[Path, Path]:
-    """NDJSON of `second` with `first` as delta base: once reusing `first`'s chunks, once
-    parsed fresh against a copy of the same base without its cache."""
+    """NDJSON of `second` with `first` as delta base: once reusing `first`'s chunks and
+    key index, once parsed fresh against a retired copy of the same base (no cache, no
+    index: the delta reads the base's rows)."""
     reused, fresh = tmp / "reused", tmp / "fresh"
     a, b = staged(tmp / "A", first), staged(tmp / "B", second)
     export.export_run(a, reused, run_id=RUN_A, parent_run_id=None, person_id=PERSON,
                       chunk_bytes=chunk_bytes, workers=workers)
     shutil.copytree(reused / RUN_A, fresh / RUN_A)
-    shutil.rmtree(fresh / RUN_A / reuse.CACHE_DIR)
+    export.retire(fresh / RUN_A)
+    assert not (fresh / RUN_A / "index").exists() and not (fresh / RUN_A / reuse.CACHE_DIR).exists()
     for out in (reused, fresh):
         export.export_run(b, out, run_id=RUN_B, parent_run_id=RUN_A, person_id=PERSON,
                           chunk_bytes=chunk_bytes, workers=workers)
@@ -163,7 +165,7 @@ def test_a_damaged_cache_means_parsing_again(tmp_path: Path, damage: str) -> Non
     out, fresh = tmp_path / "out", tmp_path / "fresh"
     export.export_run(a, out, run_id=RUN_A, parent_run_id=None, person_id=PERSON, chunk_bytes=4096)
     shutil.copytree(out / RUN_A, fresh / RUN_A)
-    shutil.rmtree(fresh / RUN_A / reuse.CACHE_DIR)
+    export.retire(fresh / RUN_A)
     cache = out / RUN_A / reuse.CACHE_DIR
     frames = next(p for p in cache.iterdir() if p.suffix == ".zst")
     if damage == "index":
@@ -204,6 +206,21 @@ def test_another_person_or_file_name_never_reuses(tmp_path: Path) -> None:
     assert reuse_figures(out / ("c" * 64))["reused_chunks"] == reuse_figures(out / RUN_B)["chunks"]
 
 
+def test_a_retired_run_still_exports_its_index_byte_for_byte(tmp_path: Path) -> None:
+    rnd = random.Random(6)
+    xml = export_text(groups_of({t: 150 for t in TYPES}, rnd))
+    out = tmp_path / "out"
+    export.export_run(staged(tmp_path / "A", xml), out, run_id=RUN_A, parent_run_id=None, person_id=PERSON,
+                      chunk_bytes=4096)
+    export.plain_copy(out / RUN_A, tmp_path / "before")
+    export.retire(out / RUN_A)
+    assert sorted(p.name for p in out.iterdir()) == [RUN_A]  # nothing left behind
+    export.plain_copy(out / RUN_A, tmp_path / "after")
+    before, after = tmp_path / "before" / RUN_A, tmp_path / "after" / RUN_A
+    assert any((before / "index").iterdir())
+    assert_same_ndjson(before, after)
+
+
 # One edit of a random export: where, what, and how the file is cut.
 _edit = st.tuples(st.sampled_from(["insert", "delete", "change", "duplicate", "pointer"]),
                   st.sampled_from(TYPES), st.floats(0, 1))
@@ -237,9 +254,9 @@ def test_reuse_equals_a_fresh_parse_after_random_edits(tmp_path_factory, counts,
 
 
 @pytest.mark.slow
-def test_run_all_reuses_the_previous_run_and_drops_its_cache(cli, tmp_path: Path) -> None:
+def test_run_all_reuses_the_previous_run_and_retires_it(cli, tmp_path: Path) -> None:
     """Through the real CLI: the next export reuses the first run's chunks; once it is
-    registered the first run's cache is gone, and its NDJSON is still complete."""
+    registered the first run's cache and key index are gone, and doctor is content."""
     from healthdelta import synth
 
     first = synth.generate_export(tmp_path / "e1", seed=41, records=12_000)
@@ -250,12 +267,13 @@ def test_run_all_reuses_the_previous_run_and_drops_its_cache(cli, tmp_path: Path
     runs = pipeline.list_runs(out / "state")
     a, b = (out / r["artifacts"]["ndjson_dir"] for r in runs)
     assert not (a / reuse.CACHE_DIR).exists() and (b / reuse.CACHE_DIR / reuse.INDEX).is_file()
+    assert not (a / "index").exists() and (b / "index").is_dir()  # the key index too (delta.py)
     figures = reuse_figures(b)
     assert figures["reused_chunks"] >= 1 and figures["reused_bytes"] > 0
     cli("doctor", "--out", str(out), check=True)
-    # Killed while dropping the base's cache (after registration): the renamed-away cache
-    # is an orphan doctor names and removes; the runs themselves are complete.
-    shutil.copytree(b / reuse.CACHE_DIR, out / "ndjson" / f".tmp-{reuse.CACHE_DIR}-{a.name}-999999999")
+    # Killed while retiring the base (after registration): what was moved away is an
+    # orphan doctor names and removes; the runs themselves are complete.
+    shutil.copytree(b / reuse.CACHE_DIR, out / "ndjson" / f".tmp-retired-{a.name}-999999999" / reuse.CACHE_DIR)
     assert "orphan_tmp" in cli("doctor", "--out", str(out), "--json").stdout
     cli("doctor", "--out", str(out), "--repair", check=True)
     assert not list((out / "ndjson").glob(".tmp-*"))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from healthdelta import reuse, streamfile
-from healthdelta.delta import write_stream
+from healthdelta.delta import derive_index, write_stream
 from healthdelta.errors import UsageError
 from healthdelta.fsutil import TMP_PREFIX, WorkDir, atomic_write_json, fsync_dir
 from healthdelta.ndjson import STREAMS, SpillWriter, merge_stream
@@ -147,6 +147,23 @@ def _link_unchanged_points(points_dir: Path, parent_points: Path) -> None:
             os.replace(tmp, path)
 
 
+def retire(ndjson_dir: Path) -> None:
+    """Drop what a run keeps only while it is its person's latest run (the next run's
+    delta base): the chunk cache (parse reuse) and the key index (the delta reads the
+    rows themselves without it; `plain_copy` derives it). Both are first moved into one
+    `.tmp-*` dir beside the run dirs, so a crash leaves an orphan the next command
+    removes, never an index or cache cut short."""
+    doomed = ndjson_dir.parent / f"{TMP_PREFIX}retired-{ndjson_dir.name}-{os.getpid()}"
+    parts = [p for p in (ndjson_dir / reuse.CACHE_DIR, ndjson_dir / "index") if p.is_dir()]
+    if not parts:
+        return
+    doomed.mkdir()
+    for part in parts:
+        part.rename(doomed / part.name)
+    fsync_dir(ndjson_dir)
+    shutil.rmtree(doomed)
+
+
 def plain_copy(ndjson_dir: Path, out: Path) -> ExportResult:
     """`out/<run_id>/`: a stored run's NDJSON with every stream file in the plain canonical
     form (CONTRACT §5), byte for byte what the plain writer writes; delta.json, the export
@@ -166,8 +183,17 @@ def plain_copy(ndjson_dir: Path, out: Path) -> ExportResult:
                     continue
                 with streamfile.open_read(path) as src, streamfile.StreamWriter(work.path / sub / name) as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
-        if (ndjson_dir / "index").is_dir():
-            shutil.copytree(ndjson_dir / "index", work.path / "index")
+        for path in streamfile.stream_files(ndjson_dir):
+            stream = streamfile.stream_name(path)
+            (work.path / "index").mkdir(exist_ok=True)
+            name = streamfile.index_name(stream, compressed=False)
+            with streamfile.StreamWriter(work.path / "index" / name) as dst:
+                stored = streamfile.find_index(ndjson_dir, stream)
+                if stored is None:  # a retired run: the index is derived from the rows
+                    derive_index(path, dst)
+                else:
+                    with streamfile.open_read(stored) as src:
+                        shutil.copyfileobj(src, dst, 1 << 20)
         for name in ("delta.json", "export_report.json"):
             if (ndjson_dir / name).is_file():
                 shutil.copy2(ndjson_dir / name, work.path / name)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from healthdelta import deid, export, identity, ingest, lineage, registry, reuse, stagestore
+from healthdelta import deid, export, identity, ingest, lineage, registry, stagestore
 from healthdelta.errors import InputError, StateError, UsageError
 from healthdelta.fingerprint import Fingerprint, run_id as compute_run_id
 from healthdelta.fsutil import StateLock, WorkDir, atomic_write_json, fsync_dir, remove_orphan_tmp_dirs
@@ -300,10 +300,10 @@ def _after_staging(run: _NewRun, identity_work: IdentityWork) -> PipelineResult:
                  "export_date": export_date},
     )
     if base_id is not None:
-        # The base is no longer its person's latest run, so no run will reuse its parse.
-        # The run is registered already: a cache that stays is only bytes, never wrong.
+        # The base is no longer its person's latest run. The run is registered already:
+        # what stays behind on an error is only bytes, never wrong.
         with contextlib.suppress(OSError):
-            reuse.drop(layout.ndjson / base_id)
+            export.retire(layout.ndjson / base_id)
     return PipelineResult(
         status="created",
         run_id=run_id,

@@ -14,15 +14,13 @@ checked, else the chunk is parsed again).
 
 The cache is an accelerator, never data: a missing or unreadable one only means
 parsing again, and a run's cache is dropped once a later run of its person is
-registered (it can no longer be a delta base).
+registered (`export.retire`: it can no longer be a delta base).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sys
 from dataclasses import dataclass
 from functools import cache
@@ -30,7 +28,7 @@ from pathlib import Path
 
 import zstandard
 
-from healthdelta.fsutil import TMP_PREFIX, atomic_write_json
+from healthdelta.fsutil import atomic_write_json
 from healthdelta.keys import blank_device_pointers
 from healthdelta.parse.report import ParseReport
 
@@ -175,15 +173,3 @@ def write_index(cache_dir: Path, entries: dict[str, Entry]) -> None:
         "version": INDEX_VERSION,
         "chunks": {k: [e.file, e.offset, e.length, e.run_id] for k, e in sorted(entries.items())},
     })
-
-
-def drop(ndjson_run_dir: Path) -> None:
-    """Remove a run's cache: first renamed to a `.tmp-*` entry beside the run dirs, so a
-    crash leaves a leftover the next command removes rather than an index pointing at
-    missing frames."""
-    root = ndjson_run_dir / CACHE_DIR
-    if not root.is_dir():
-        return
-    doomed = ndjson_run_dir.parent / f"{TMP_PREFIX}{CACHE_DIR}-{ndjson_run_dir.name}-{os.getpid()}"
-    root.rename(doomed)
-    shutil.rmtree(doomed)
