@@ -9,7 +9,12 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# `pip install -e .` also compiles the fast path (setup.py) from these; an out-of-date
+# build is never used (it falls back to the .py), so rebuild to test what users get.
+FASTPATH := setup.py $(wildcard src/healthdelta/*.pxd src/healthdelta/parse/*.pxd) \
+            src/healthdelta/keys.py src/healthdelta/ndjson.py src/healthdelta/parse/healthkit.py
+
+$(STAMP): pyproject.toml $(FASTPATH)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
@@ -44,3 +49,5 @@ wheel-check: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache build
+	find src -name '*.so' -delete
+	rm -f src/healthdelta/_fastpath_sources.json

@@ -62,6 +62,11 @@ Row = dict[str, Any]
 # its route inline, in old exports) are a few MB. Past this, the file is damaged
 # (an end tag missing) and holding on would only exhaust memory.
 _MAX_ELEMENT_BYTES = 64 << 20
+# Apple's elements nest 3 deep. The row and key builders recurse once per level, and when
+# compiled (setup.py) in C, without Python's recursion limit to stop them before the stack
+# ends: so deeper markup is refused here, the same on both paths. Far above what orjson can
+# encode in a key anyway (255 levels of JSON), well below Python's limit.
+_MAX_DEPTH = 400
 
 # --------------------------------------------------------------------------- attribute values
 
@@ -140,6 +145,10 @@ class _Cursor:
     @staticmethod
     def bad_split() -> InputError:
         return RangeSplitError("export.xml byte range does not end at a top-level element boundary")
+
+    @staticmethod
+    def too_deep() -> InputError:
+        return InputError("export.xml is nested too deeply to be an Apple Health export")
 
 
 # --------------------------------------------------------------------------- tier 1: line shapes
@@ -260,6 +269,8 @@ def _regex_chunk(buf: str, pos: int, cur: _Cursor, report: ParseReport, is_last:
                 node = (tag, a, [])
                 stack[-1][2].append(node)
                 stack.append(node)
+                if len(stack) > _MAX_DEPTH:
+                    raise cur.too_deep()
         elif in_root:
             if empty:
                 top = m
@@ -344,6 +355,8 @@ def _slow_nodes(texts: Iterable[str], cur: _Cursor, report: ParseReport, byte_po
         for event, el in parser.read_events():
             if event == "start":
                 depth += 1
+                if depth > _MAX_DEPTH + 1:  # + <HealthData>
+                    raise cur.too_deep()
                 if depth == 1:
                     if el.tag != ROOT:
                         raise InputError("export.xml is not an Apple Health export: unexpected root element")
@@ -513,6 +526,8 @@ def _iter_rows(
                         node = (tag, a, [])
                         stack[-1][2].append(node)
                         stack.append(node)
+                        if len(stack) > _MAX_DEPTH:
+                            raise cur.too_deep()
                 elif in_root:
                     if kind == _OPEN:
                         stack.append((tag, a, []))
