@@ -86,3 +86,13 @@ def fresh(path: Path) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path
+
+
+def workdir_or_temp(workdir: Path | None, prefix: str) -> tuple[Path, tempfile.TemporaryDirectory | None]:
+    """`workdir` (created), or a temporary dir the caller keeps alive while it works."""
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        return Path(tmp.name), tmp
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir, None

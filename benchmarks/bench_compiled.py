@@ -24,11 +24,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from _common import fresh, run_cli
+from _common import fresh, run_cli, workdir_or_temp
 
 PURE_ENV = "HEALTHDELTA_PURE_PYTHON"
 
@@ -98,13 +97,7 @@ def main() -> None:
 
     from healthdelta.synth import generate_export
 
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-compiled-")
-        workdir = Path(tmp.name)
-    else:
-        workdir = args.workdir.resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
+    workdir, tmp = workdir_or_temp(args.workdir, "bench-compiled-")
     gen = workdir / f"export-{args.size_mb}mb"
     xml = gen / "apple_health_export" / "export.xml"
     if not xml.exists() or not (gen / "export.zip").exists():

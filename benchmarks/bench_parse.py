@@ -29,13 +29,14 @@ import multiprocessing as mp
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
+
+from _common import workdir_or_temp  # noqa: E402 - after the path set-up, as the package imports
 
 
 # --------------------------------------------------------------------------- one measurement per process
@@ -213,12 +214,7 @@ def main() -> None:
     if args.xml is not None:
         xml = args.xml.resolve()
     else:
-        if args.workdir is None:
-            tmp = tempfile.TemporaryDirectory(prefix="bench-parse-")
-            workdir = Path(tmp.name)
-        else:
-            workdir = args.workdir.resolve()
-            workdir.mkdir(parents=True, exist_ok=True)
+        workdir, tmp = workdir_or_temp(args.workdir, "bench-parse-")
         xml = _generate(args.size_mb, workdir)
     size = xml.stat().st_size
     path = str(xml)

@@ -142,7 +142,7 @@ HOSTILE_TAIL = (
 def _generated(tmp_path: Path, seed: int, hostile_tail: bool, **kw) -> tuple[Path, Path]:
     """Two successive exports of one generated person (the second a delta on the first)."""
     first = synth.generate_export(tmp_path / f"gen{seed}-1", seed=seed, **kw)
-    second = synth.generate_export(tmp_path / f"gen{seed}-2", base=first, new_records=40)
+    synth.generate_export(tmp_path / f"gen{seed}-2", base=first, new_records=40)
     dirs = (tmp_path / f"gen{seed}-1" / "apple_health_export", tmp_path / f"gen{seed}-2" / "apple_health_export")
     if hostile_tail:
         for d in dirs:

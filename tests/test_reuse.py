@@ -55,6 +55,12 @@ def staged(root: Path, xml: str) -> Path:
     return root
 
 
+def first_run(tmp: Path, xml: str, out: Path) -> Path:
+    export.export_run(staged(tmp / "A", xml), out, run_id=RUN_A, parent_run_id=None, person_id=PERSON,
+                      chunk_bytes=4096)
+    return out / RUN_A
+
+
 def two_exports(tmp: Path, first: str, second: str, chunk_bytes: int, workers: int = 1) -> tuple[Path, Path]:
     """NDJSON of `second` with `first` as delta base: once reusing `first`'s chunks and
     key index, once parsed fresh against a retired copy of the same base (no cache, no
@@ -161,9 +167,9 @@ def test_several_tasks_and_any_chunking_give_the_same_streams(tmp_path: Path, mo
 def test_a_damaged_cache_means_parsing_again(tmp_path: Path, damage: str) -> None:
     rnd = random.Random(4)
     first = export_text(groups_of({t: 200 for t in TYPES}, rnd))
-    a, b = staged(tmp_path / "A", first), staged(tmp_path / "B", first.replace("0x", "0x1"))
     out, fresh = tmp_path / "out", tmp_path / "fresh"
-    export.export_run(a, out, run_id=RUN_A, parent_run_id=None, person_id=PERSON, chunk_bytes=4096)
+    first_run(tmp_path, first, out)
+    b = staged(tmp_path / "B", first.replace("0x", "0x1"))
     shutil.copytree(out / RUN_A, fresh / RUN_A)
     export.retire(fresh / RUN_A)
     cache = out / RUN_A / reuse.CACHE_DIR
@@ -196,8 +202,7 @@ def test_another_person_or_file_name_never_reuses(tmp_path: Path) -> None:
     rnd = random.Random(5)
     xml = export_text(groups_of({t: 100 for t in TYPES}, rnd))
     out = tmp_path / "out"
-    export.export_run(staged(tmp_path / "A", xml), out, run_id=RUN_A, parent_run_id=None, person_id=PERSON,
-                      chunk_bytes=4096)
+    first_run(tmp_path, xml, out)
     export.export_run(staged(tmp_path / "B", xml), out, run_id=RUN_B, parent_run_id=RUN_A, person_id="patient-2",
                       chunk_bytes=4096)
     assert reuse_figures(out / RUN_B)["reused_chunks"] == 0
@@ -210,8 +215,7 @@ def test_a_retired_run_still_exports_its_index_byte_for_byte(tmp_path: Path) -> 
     rnd = random.Random(6)
     xml = export_text(groups_of({t: 150 for t in TYPES}, rnd))
     out = tmp_path / "out"
-    export.export_run(staged(tmp_path / "A", xml), out, run_id=RUN_A, parent_run_id=None, person_id=PERSON,
-                      chunk_bytes=4096)
+    first_run(tmp_path, xml, out)
     export.plain_copy(out / RUN_A, tmp_path / "before")
     export.retire(out / RUN_A)
     assert sorted(p.name for p in out.iterdir()) == [RUN_A]  # nothing left behind

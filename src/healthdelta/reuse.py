@@ -37,7 +37,9 @@ INDEX = "index.json"
 INDEX_VERSION = 1
 _LEVEL = 1  # as the stream files: ~900 MB/s on one core
 # Modules whose code decides what a chunk's rows are: a change to any of them (a new
-# release, a patched parser, the compiled build) makes every cached chunk unknown.
+# release, a patched parser) makes every cached chunk unknown. Their `.py` source is
+# hashed, also where the compiled build runs: it is built from that very file, gives the
+# same rows (tests/test_compiled.py), and is never used once the file changed (_fastpath).
 _ROW_MODULES = ("healthdelta.parse.healthkit", "healthdelta.parse.xmlrepair", "healthdelta.parse.timefmt",
                 "healthdelta.parse.report", "healthdelta.keys", "healthdelta.ndjson", "healthdelta.reuse")
 
@@ -47,7 +49,9 @@ def parser_version() -> bytes:
     h = hashlib.sha256()
     for name in _ROW_MODULES:
         __import__(name)
-        h.update(Path(sys.modules[name].__file__).read_bytes())
+        module_file = Path(sys.modules[name].__file__)
+        source = module_file.with_name(name.rpartition(".")[2] + ".py")
+        h.update((source if source.is_file() else module_file).read_bytes())
     return h.hexdigest().encode("ascii")
 
 
