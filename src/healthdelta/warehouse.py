@@ -16,7 +16,11 @@ Loading (`load_run`):
 - append-only by `record_key`: a run whose delta parent is already loaded contributes
   only its `added/` rows and its `removed/` keys (the next export costs what its
   delta costs); otherwise its full streams are read and anti-joined on
-  `record_key`. Either way no record is ever inserted twice, and rows are never
+  `record_key`. The anti-join is against the keys a row could collide with
+  (`_known_keys`): none in an empty warehouse; only the removed ones when the loaded
+  runs are one chain of delta loads ending at the delta parent (a key new since the
+  parent can then only be one the chain removed earlier, a re-added record); else
+  every key of the table. Either way no record is ever inserted twice, and rows are never
   updated or deleted: a removed record stays, listed in `removed_records`, and the
   convenience views leave it out. The one exception is `unload_run`, which takes
   back exactly what one (unregistered, childless) run's load added, for `run all`
@@ -949,6 +953,7 @@ def _load_in_transaction(con: duckdb.DuckDBPyConnection, ndjson_dir: Path, run: 
         inserted: dict[str, int] = {}
         removed: dict[str, int] = {}
         unknown: set[str] = set()
+        against = _known_keys(con, load_mode, delta_parent)
         folder = ndjson_dir / "added" if load_mode == "delta" else ndjson_dir
         sources = {s: streamfile.find(folder, s) for s in STREAMS}
         missing = [s for s, path in sources.items() if path is None]
@@ -960,7 +965,7 @@ def _load_in_transaction(con: duckdb.DuckDBPyConnection, ndjson_dir: Path, run: 
             unknown |= {f"{stream}.{f}" for f in _unknown_fields(stream, source)}
             # Progress in bytes of NDJSON loaded, also while one large stream's insert runs.
             with _statement_progress(con, lambda n: progress("loading", n, total), source.stat().st_size):
-                inserted[stream] = _insert_stream(con, stream, source, run_id)
+                inserted[stream] = _insert_stream(con, stream, source, run_id, against)
             removed[stream] = 0
             if load_mode == "delta":
                 gone = streamfile.find(ndjson_dir / "removed", stream)
@@ -1019,18 +1024,52 @@ def _statement_progress(con: duckdb.DuckDBPyConnection, report: Callable[[int], 
         report(units - reported)
 
 
-def _insert_stream(con: duckdb.DuckDBPyConnection, stream: str, source: Path, run_id: str) -> int:
-    """Bulk-insert the rows of `source` whose record_key the table lacks; returns their count."""
+def _known_keys(con: duckdb.DuckDBPyConnection, load_mode: str, delta_parent: str | None) -> str:
+    """What the rows of this load must be anti-joined against so that no record is inserted twice.
+
+    'none' when no run is loaded: the tables are empty (rows only come and go with their run).
+    'removed' when the loaded runs are one chain, each a delta load of the one before, ending
+    at this run's delta parent: the tables then hold exactly the keys of the chain's streams,
+    and a key of `added/` (not in the parent's stream) that a table holds left the chain at
+    some run, whose `removed/` listed it in `removed_records`, where it stays until a run
+    brings it back. Checking those keys costs what the delta costs; the whole table's keys
+    cost a scan of every key ever loaded, on every next export.
+    'table' otherwise (a full load, a parent that is not the newest run, two chains, a
+    run taken out between): every key of the table.
+    """
+    if not con.execute("SELECT count(*) FROM runs").fetchone()[0]:
+        return "none"
+    if load_mode != "delta":
+        return "table"
+    chained = con.execute(
+        "SELECT count(*) FILTER (WHERE prev IS NOT NULL AND (load_mode <> 'delta' "
+        "OR delta_parent_run_id IS DISTINCT FROM prev)) = 0 AND arg_max(run_id, load_seq) = ? "
+        "FROM (SELECT run_id, load_seq, load_mode, delta_parent_run_id, "
+        "lag(run_id) OVER (ORDER BY load_seq) AS prev FROM runs)", [delta_parent]).fetchone()[0]
+    return "removed" if chained else "table"
+
+
+def _insert_stream(con: duckdb.DuckDBPyConnection, stream: str, source: Path, run_id: str, against: str) -> int:
+    """Bulk-insert the rows of `source` whose record_key is not among the `against` keys
+    (`_known_keys`); returns their count."""
     if source.stat().st_size == 0:
         return 0
+    removed_now = con.execute("SELECT count(*) FROM removed_records WHERE stream = ?", [stream]).fetchone()[0]
+    params = {"path": str(source), "run_id": run_id}
+    where = ""
+    if against == "table":
+        where = f"WHERE NOT EXISTS (SELECT 1 FROM {stream} AS t WHERE t.record_key = src.record_key)"
+    elif against == "removed" and removed_now:
+        where = ("WHERE NOT EXISTS (SELECT 1 FROM removed_records AS x "
+                 "WHERE x.stream = $stream AND x.record_key = src.record_key)")
+        params["stream"] = stream
     cols = _table_columns(stream)
     reader = f"read_json($path, format = 'newline_delimited', columns = {_read_spec(stream)})"
     sql = (f"INSERT INTO {stream} ({', '.join(c for c, _, _ in cols)}) "
-           f"SELECT {', '.join(e for _, _, e in cols)} FROM {reader} AS src "
-           f"WHERE NOT EXISTS (SELECT 1 FROM {stream} AS t WHERE t.record_key = src.record_key)")
-    count = con.execute(sql, {"path": str(source), "run_id": run_id}).fetchone()[0]
+           f"SELECT {', '.join(e for _, _, e in cols)} FROM {reader} AS src {where}")
+    count = con.execute(sql, params).fetchone()[0]
     # A record removed by an earlier run and now back: present again (first_seen_run kept).
-    if con.execute("SELECT count(*) FROM removed_records WHERE stream = ?", [stream]).fetchone()[0]:
+    if removed_now:
         con.execute(f"UPDATE record_removals SET readded_in_run = ? WHERE stream = ? AND readded_in_run IS NULL "
                     f"AND record_key IN (SELECT record_key FROM {_keys_reader(stream)})",
                     [run_id, stream, str(source)])
