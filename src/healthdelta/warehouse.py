@@ -1054,7 +1054,8 @@ def _insert_stream(con: duckdb.DuckDBPyConnection, stream: str, source: Path, ru
     (`_known_keys`); returns their count."""
     if source.stat().st_size == 0:
         return 0
-    removed_now = con.execute("SELECT count(*) FROM removed_records WHERE stream = ?", [stream]).fetchone()[0]
+    removed_now = 0 if against == "none" else con.execute(
+        "SELECT count(*) FROM removed_records WHERE stream = ?", [stream]).fetchone()[0]
     params = {"path": str(source), "run_id": run_id}
     where = ""
     if against == "table":
