@@ -1033,13 +1033,14 @@ def _known_keys(con: duckdb.DuckDBPyConnection, load_mode: str, delta_parent: st
 
     'none' when no run is loaded: the tables are empty (rows only come and go with their run).
     'removed' when the loaded runs are one chain, each a delta load of the one before, ending
-    at this run's delta parent: the tables then hold exactly the keys of the chain's streams,
-    and a key of `added/` (not in the parent's stream) that a table holds left the chain at
-    some run, whose `removed/` listed it in `removed_records`, where it stays until a run
-    brings it back. Checking those keys costs what the delta costs; the whole table's keys
-    cost a scan of every key ever loaded, on every next export.
-    'table' otherwise (a full load, a parent that is not the newest run, two chains, a
-    run taken out between): every key of the table.
+    at this run's delta parent: every row of the tables then came from a chain run's stream
+    (a run taken out takes its rows with it), so a key of `added/` (not in the parent's
+    stream) that a table holds left the chain at a later run, whose `removed/` listed it in
+    `removed_records`, where it stays until a run brings it back. Checking those keys costs
+    what the delta costs; the whole table's keys cost a scan of every key ever loaded, on
+    every next export.
+    'table' otherwise (a full load, a parent that is not the newest run, two chains): every
+    key of the table.
     """
     if not con.execute("SELECT count(*) FROM runs").fetchone()[0]:
         return "none"
