@@ -401,6 +401,27 @@ def test_anti_join_is_against_the_keys_a_row_could_collide_with(tmp_path):
         con.close()
 
 
+def test_a_chain_with_a_run_taken_out_between_is_checked_against_the_table(tmp_path):
+    """x brings b first, r2 then skips b; once x is taken out, b is in r2's stream but not in
+    the table, so r3's removal of b must not be listed."""
+    a, b = (_row(k, f"2024-05-01T0{i}:00:00", f"2024-05-01T0{i}:05:00", PHONE, 10) for i, k in enumerate("ab"))
+    db = tmp_path / "w.duckdb"
+    warehouse.load_run(db, write_run(tmp_path, "r1", None, {"observations": [a]}), {"run_id": "r1"})
+    warehouse.load_run(db, write_run(tmp_path, "x", None, {"observations": [b]}), {"run_id": "x"})
+    r2 = warehouse.load_run(db, write_run(tmp_path, "r2", "r1", {"observations": [b]}), {"run_id": "r2"})
+    assert r2.inserted["observations"] == 0
+    assert warehouse.unload_run(db, "x")
+    assert warehouse.loaded_runs(db) == ["r1", "r2"]
+    assert _known_keys_of(db, "delta", "r2") == "table"
+    r3 = warehouse.load_run(db, write_run(tmp_path, "r3", "r2", {}, {"observations": [a, b]}), {"run_id": "r3"})
+    assert r3.removed["observations"] == 1
+    con = warehouse.connect(db, read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM record_removals").fetchone()[0] == 1
+    finally:
+        con.close()
+
+
 def _chain_with_removals(root: Path) -> list[Path]:
     """r1 brings a..d; r2 removes a and b; r3 brings b back with e; r4 removes c, brings a back."""
     rows = {k: _row(k, f"2024-05-01T0{i}:00:00", f"2024-05-01T0{i}:05:00", PHONE, 10 + i)

@@ -18,9 +18,9 @@ Loading (`load_run`):
   delta costs); otherwise its full streams are read and anti-joined on
   `record_key`. The anti-join is against the keys a row could collide with
   (`_known_keys`): none in an empty warehouse; only the removed ones when the loaded
-  runs are one chain of delta loads ending at the delta parent (a key new since the
-  parent can then only be one the chain removed earlier, a re-added record); else
-  every key of the table. Either way no record is ever inserted twice, and rows are never
+  runs are one chain of delta loads ending at the delta parent, with no run taken out
+  between (a key new since the parent can then only be one the chain removed earlier,
+  a re-added record, and every `removed/` key is held); else every key of the table. Either way no record is ever inserted twice, and rows are never
   updated or deleted: a removed record stays, listed in `removed_records`, and the
   convenience views leave it out. The one exception is `unload_run`, which takes
   back exactly what one (unregistered, childless) run's load added, for `run all`
@@ -974,7 +974,7 @@ def _load_in_transaction(con: duckdb.DuckDBPyConnection, ndjson_dir: Path, run: 
             if load_mode == "delta":
                 gone = streamfile.find(ndjson_dir / "removed", stream)
                 if gone is not None and gone.stat().st_size:
-                    removed[stream] = _mark_removed(con, stream, gone, run_id)
+                    removed[stream] = _mark_removed(con, stream, gone, run_id, against)
         _insert_run(con, run, delta, load_mode, parent_loaded, inserted, removed)
     try:
         con.execute("CHECKPOINT")
@@ -1032,15 +1032,16 @@ def _known_keys(con: duckdb.DuckDBPyConnection, load_mode: str, delta_parent: st
     """What the rows of this load must be anti-joined against so that no record is inserted twice.
 
     'none' when no run is loaded: the tables are empty (rows only come and go with their run).
-    'removed' when the loaded runs are one chain, each a delta load of the one before, ending
-    at this run's delta parent: every row of the tables then came from a chain run's stream
-    (a run taken out takes its rows with it), so a key of `added/` (not in the parent's
-    stream) that a table holds left the chain at a later run, whose `removed/` listed it in
-    `removed_records`, where it stays until a run brings it back. Checking those keys costs
+    'removed' when the loaded runs are one chain, each a delta load of the one before, loaded
+    1, 2, ... n (no run taken out between: its rows would be missing) and ending at this
+    run's delta parent. The tables then hold exactly the keys of the chain's streams, so a
+    key of `added/` (not in the parent's stream) that a table holds left the chain at a later
+    run, whose `removed/` listed it in `removed_records`, where it stays until a run brings
+    it back; and every key of `removed/` (the parent's) is held. Checking those keys costs
     what the delta costs; the whole table's keys cost a scan of every key ever loaded, on
     every next export.
-    'table' otherwise (a full load, a parent that is not the newest run, two chains): every
-    key of the table.
+    'table' otherwise (a full load, a parent that is not the newest run, two chains, a gap):
+    every key of the table.
     """
     if not con.execute("SELECT count(*) FROM runs").fetchone()[0]:
         return "none"
@@ -1049,6 +1050,7 @@ def _known_keys(con: duckdb.DuckDBPyConnection, load_mode: str, delta_parent: st
     chained = con.execute(
         "SELECT count(*) FILTER (WHERE prev IS NOT NULL AND (load_mode <> 'delta' "
         "OR delta_parent_run_id IS DISTINCT FROM prev)) = 0 AND arg_max(run_id, load_seq) = ? "
+        "AND max(load_seq) = count(*) "
         "FROM (SELECT run_id, load_seq, load_mode, delta_parent_run_id, "
         "lag(run_id) OVER (ORDER BY load_seq) AS prev FROM runs)", [delta_parent]).fetchone()[0]
     return "removed" if chained else "table"
@@ -1086,12 +1088,13 @@ def _keys_reader(stream: str) -> str:
     return f"read_json(?, format = 'newline_delimited', columns = {_read_spec(stream, ('record_key',))})"
 
 
-def _mark_removed(con: duckdb.DuckDBPyConnection, stream: str, gone: Path, run_id: str) -> int:
-    """List the keys of `removed/<stream>.ndjson[.zst]` that the table holds and are not listed yet."""
+def _mark_removed(con: duckdb.DuckDBPyConnection, stream: str, gone: Path, run_id: str, against: str) -> int:
+    """List the keys of `removed/<stream>.ndjson[.zst]` that the table holds and are not listed yet
+    (after a chain, `_known_keys` 'removed', the table holds them all: no scan of its keys)."""
+    held = "" if against == "removed" else f"EXISTS (SELECT 1 FROM {stream} AS t WHERE t.record_key = g.record_key) AND "
     return con.execute(
         f"INSERT INTO record_removals SELECT DISTINCT g.record_key, ?, ?, NULL FROM {_keys_reader(stream)} AS g "
-        f"WHERE EXISTS (SELECT 1 FROM {stream} AS t WHERE t.record_key = g.record_key) "
-        f"AND NOT EXISTS (SELECT 1 FROM removed_records AS x WHERE x.stream = ? AND x.record_key = g.record_key)",
+        f"WHERE {held}NOT EXISTS (SELECT 1 FROM removed_records AS x WHERE x.stream = ? AND x.record_key = g.record_key)",
         [stream, run_id, str(gone), stream],
     ).fetchone()[0]
 
