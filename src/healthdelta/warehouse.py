@@ -947,8 +947,9 @@ def _load_in_transaction(con: duckdb.DuckDBPyConnection, ndjson_dir: Path, run: 
     delta_parent = delta.get("parent_run_id")
     # One thread: DuckDB's parallel insert writes each thread's partial row groups and
     # rewrites them at the commit's checkpoint. Measured on 2 shared cores, one thread loads
-    # faster (-7% wall at 136 MB and 1 GB of export.xml), with 16-28% less CPU and a smaller
-    # file (docs/runbook_warehouse.md); queries on other connections keep their threads.
+    # as fast or faster (-19% wall at 136 MB of export.xml, -1% to -7% at 1 GB) with 17-31%
+    # less CPU, a smaller file and rows in file order (docs/runbook_warehouse.md); queries
+    # on other connections keep their threads.
     con.execute("SET threads = 1")
     with _transaction(con, _load_error_message):
         _ensure_schema(con)
