@@ -370,6 +370,104 @@ def test_removed_records_stay_listed_and_leave_the_views(tmp_path):
     assert warehouse.loaded_runs(db) == ["r1", "r2"]
 
 
+def _known_keys_of(db: Path, load_mode: str, delta_parent: str | None) -> str:
+    con = warehouse.connect(db, read_only=True)
+    try:
+        return warehouse._known_keys(con, load_mode, delta_parent)
+    finally:
+        con.close()
+
+
+def test_anti_join_is_against_the_keys_a_row_could_collide_with(tmp_path):
+    """None in an empty warehouse, the removed keys after a chain of delta loads, else the table."""
+    rows = [_row(k, f"2024-05-01T0{i}:00:00", f"2024-05-01T0{i}:05:00", PHONE, 10) for i, k in enumerate("abcd")]
+    db = tmp_path / "w.duckdb"
+    warehouse.set_source_priority(db, ["manual", "watch", "phone", "other"])  # tables, no run
+    assert _known_keys_of(db, "delta", None) == "none"
+    warehouse.load_run(db, write_run(tmp_path, "r1", None, {"observations": rows[:2]}), {"run_id": "r1"})
+    warehouse.load_run(db, write_run(tmp_path, "r2", "r1", {"observations": rows[2:3]}), {"run_id": "r2"})
+    assert _known_keys_of(db, "delta", "r2") == "removed"
+    assert _known_keys_of(db, "delta", "r1") == "table"  # a sibling of r2 may add what r2 added
+    assert _known_keys_of(db, "delta", None) == "table"  # a second chain
+    assert _known_keys_of(db, "full", "elsewhere") == "table"
+    # r3 is r2's sibling: its added/ holds r2's row again, which must not be inserted twice
+    r3 = warehouse.load_run(db, write_run(tmp_path, "r3", "r1", {"observations": rows[2:]}), {"run_id": "r3"})
+    assert r3.inserted["observations"] == 1
+    assert _known_keys_of(db, "delta", "r3") == "table"  # the loaded runs are a tree now
+    con = warehouse.connect(db, read_only=True)
+    try:
+        assert con.execute("SELECT count(*), count(DISTINCT record_key) FROM observations").fetchone() == (4, 4)
+    finally:
+        con.close()
+
+
+def test_a_chain_with_a_run_taken_out_between_is_checked_against_the_table(tmp_path):
+    """x brings b first, r2 then skips b; once x is taken out, b is in r2's stream but not in
+    the table, so r3's removal of b must not be listed."""
+    a, b = (_row(k, f"2024-05-01T0{i}:00:00", f"2024-05-01T0{i}:05:00", PHONE, 10) for i, k in enumerate("ab"))
+    db = tmp_path / "w.duckdb"
+    warehouse.load_run(db, write_run(tmp_path, "r1", None, {"observations": [a]}), {"run_id": "r1"})
+    warehouse.load_run(db, write_run(tmp_path, "x", None, {"observations": [b]}), {"run_id": "x"})
+    r2 = warehouse.load_run(db, write_run(tmp_path, "r2", "r1", {"observations": [b]}), {"run_id": "r2"})
+    assert r2.inserted["observations"] == 0
+    assert warehouse.unload_run(db, "x")
+    assert warehouse.loaded_runs(db) == ["r1", "r2"]
+    assert _known_keys_of(db, "delta", "r2") == "table"
+    r3 = warehouse.load_run(db, write_run(tmp_path, "r3", "r2", {}, {"observations": [a, b]}), {"run_id": "r3"})
+    assert r3.removed["observations"] == 1
+    con = warehouse.connect(db, read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM record_removals").fetchone()[0] == 1
+    finally:
+        con.close()
+
+
+def _chain_with_removals(root: Path) -> list[Path]:
+    """r1 brings a..d; r2 removes a and b; r3 brings b back with e; r4 removes c, brings a back."""
+    rows = {k: _row(k, f"2024-05-01T0{i}:00:00", f"2024-05-01T0{i}:05:00", PHONE, 10 + i)
+            for i, k in enumerate("abcde")}
+    obs = lambda keys: {"observations": [rows[k] for k in keys]}  # noqa: E731
+    return [write_run(root, "r1", None, obs("abcd")), write_run(root, "r2", "r1", {}, obs("ab")),
+            write_run(root, "r3", "r2", obs("be")), write_run(root, "r4", "r3", obs("a"), obs("c"))]
+
+
+def test_chain_loads_give_the_tables_of_the_full_anti_join(tmp_path, three_runs, monkeypatch):
+    """The anti-join narrowed to the removed keys changes nothing in what is stored."""
+    def load_all(db: Path) -> dict:
+        for d in _chain_with_removals(tmp_path / db.stem):
+            warehouse.load_run(db, d, {"run_id": d.name})
+        load(db, three_runs, 0, 1, 2)
+        return snapshot(db)
+
+    fast = load_all(tmp_path / "fast.duckdb")
+    monkeypatch.setattr(warehouse, "_known_keys", lambda *args: "table")
+    assert load_all(tmp_path / "full.duckdb") == fast
+    con = warehouse.connect(tmp_path / "fast.duckdb", read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM observations WHERE canonical_person_id = 'p_test'").fetchone()[0] == 5
+        assert con.execute("SELECT removed_in_run, readded_in_run FROM record_removals "
+                           "ORDER BY removed_in_run, readded_in_run").fetchall() == [
+            ("r2", "r3"), ("r2", "r4"), ("r4", None)]
+    finally:
+        con.close()
+
+
+def test_failed_chain_load_with_a_re_added_record_changes_nothing(tmp_path):
+    db = tmp_path / "w.duckdb"
+    r1, r2, r3, _ = _chain_with_removals(tmp_path / "runs")
+    for d in (r1, r2):
+        warehouse.load_run(db, d, {"run_id": d.name})
+    before = snapshot(db)
+    added = r3 / "added" / "observations.ndjson"
+    good = added.read_bytes()
+    added.write_bytes(good + b'{"record_key": "x", "event_time": \n')
+    with pytest.raises(HealthDeltaError):
+        warehouse.load_run(db, r3, {"run_id": "r3"})
+    assert snapshot(db) == before
+    added.write_bytes(good)
+    assert warehouse.load_run(db, r3, {"run_id": "r3"}).inserted["observations"] == 1  # e; b is back, not new
+
+
 def test_unload_run_restores_the_previous_warehouse(tmp_path, three_runs):
     db = tmp_path / "w.duckdb"
     assert warehouse.loaded_runs(db) == []

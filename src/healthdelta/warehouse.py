@@ -16,7 +16,11 @@ Loading (`load_run`):
 - append-only by `record_key`: a run whose delta parent is already loaded contributes
   only its `added/` rows and its `removed/` keys (the next export costs what its
   delta costs); otherwise its full streams are read and anti-joined on
-  `record_key`. Either way no record is ever inserted twice, and rows are never
+  `record_key`. The anti-join is against the keys a row could collide with
+  (`_known_keys`): none in an empty warehouse; only the removed ones when the loaded
+  runs are one chain of delta loads ending at the delta parent, with no run taken out
+  between (a key new since the parent can then only be one the chain removed earlier,
+  a re-added record, and every `removed/` key is held); else every key of the table. Either way no record is ever inserted twice, and rows are never
   updated or deleted: a removed record stays, listed in `removed_records`, and the
   convenience views leave it out. The one exception is `unload_run`, which takes
   back exactly what one (unregistered, childless) run's load added, for `run all`
@@ -941,7 +945,12 @@ def _load_in_transaction(con: duckdb.DuckDBPyConnection, ndjson_dir: Path, run: 
                  delta: dict[str, Any], progress: ProgressFn) -> LoadResult:
     run_id = delta["run_id"]
     delta_parent = delta.get("parent_run_id")
-    con.execute("SET preserve_insertion_order = false")  # lets both cores write row groups
+    # One thread: DuckDB's parallel insert writes each thread's partial row groups and
+    # rewrites them at the commit's checkpoint. Measured on 2 shared cores, one thread loads
+    # as fast or faster (-19% wall at 136 MB of export.xml, -1% to -7% at 1 GB) with 17-31%
+    # less CPU, a smaller file and rows in file order (docs/runbook_warehouse.md); queries
+    # on other connections keep their threads.
+    con.execute("SET threads = 1")
     with _transaction(con, _load_error_message):
         _ensure_schema(con)
         parent_loaded = delta_parent is not None and _is_loaded(con, delta_parent)
@@ -949,6 +958,7 @@ def _load_in_transaction(con: duckdb.DuckDBPyConnection, ndjson_dir: Path, run: 
         inserted: dict[str, int] = {}
         removed: dict[str, int] = {}
         unknown: set[str] = set()
+        against = _known_keys(con, load_mode, delta_parent)
         folder = ndjson_dir / "added" if load_mode == "delta" else ndjson_dir
         sources = {s: streamfile.find(folder, s) for s in STREAMS}
         missing = [s for s, path in sources.items() if path is None]
@@ -960,12 +970,12 @@ def _load_in_transaction(con: duckdb.DuckDBPyConnection, ndjson_dir: Path, run: 
             unknown |= {f"{stream}.{f}" for f in _unknown_fields(stream, source)}
             # Progress in bytes of NDJSON loaded, also while one large stream's insert runs.
             with _statement_progress(con, lambda n: progress("loading", n, total), source.stat().st_size):
-                inserted[stream] = _insert_stream(con, stream, source, run_id)
+                inserted[stream] = _insert_stream(con, stream, source, run_id, against)
             removed[stream] = 0
             if load_mode == "delta":
                 gone = streamfile.find(ndjson_dir / "removed", stream)
                 if gone is not None and gone.stat().st_size:
-                    removed[stream] = _mark_removed(con, stream, gone, run_id)
+                    removed[stream] = _mark_removed(con, stream, gone, run_id, against)
         _insert_run(con, run, delta, load_mode, parent_loaded, inserted, removed)
     try:
         con.execute("CHECKPOINT")
@@ -1019,18 +1029,56 @@ def _statement_progress(con: duckdb.DuckDBPyConnection, report: Callable[[int], 
         report(units - reported)
 
 
-def _insert_stream(con: duckdb.DuckDBPyConnection, stream: str, source: Path, run_id: str) -> int:
-    """Bulk-insert the rows of `source` whose record_key the table lacks; returns their count."""
+def _known_keys(con: duckdb.DuckDBPyConnection, load_mode: str, delta_parent: str | None) -> str:
+    """What the rows of this load must be anti-joined against so that no record is inserted twice.
+
+    'none' when no run is loaded: the tables are empty (rows only come and go with their run).
+    'removed' when the loaded runs are one chain, each a delta load of the one before, loaded
+    1, 2, ... n (no run taken out between: its rows would be missing) and ending at this
+    run's delta parent. The tables then hold exactly the keys of the chain's streams, so a
+    key of `added/` (not in the parent's stream) that a table holds left the chain at a later
+    run, whose `removed/` listed it in `removed_records`, where it stays until a run brings
+    it back; and every key of `removed/` (the parent's) is held. Checking those keys costs
+    what the delta costs; the whole table's keys cost a scan of every key ever loaded, on
+    every next export.
+    'table' otherwise (a full load, a parent that is not the newest run, two chains, a gap):
+    every key of the table.
+    """
+    if not con.execute("SELECT count(*) FROM runs").fetchone()[0]:
+        return "none"
+    if load_mode != "delta":
+        return "table"
+    chained = con.execute(
+        "SELECT count(*) FILTER (WHERE prev IS NOT NULL AND (load_mode <> 'delta' "
+        "OR delta_parent_run_id IS DISTINCT FROM prev)) = 0 AND arg_max(run_id, load_seq) = ? "
+        "AND max(load_seq) = count(*) "
+        "FROM (SELECT run_id, load_seq, load_mode, delta_parent_run_id, "
+        "lag(run_id) OVER (ORDER BY load_seq) AS prev FROM runs)", [delta_parent]).fetchone()[0]
+    return "removed" if chained else "table"
+
+
+def _insert_stream(con: duckdb.DuckDBPyConnection, stream: str, source: Path, run_id: str, against: str) -> int:
+    """Bulk-insert the rows of `source` whose record_key is not among the `against` keys
+    (`_known_keys`); returns their count."""
     if source.stat().st_size == 0:
         return 0
+    removed_now = 0 if against == "none" else con.execute(
+        "SELECT count(*) FROM removed_records WHERE stream = ?", [stream]).fetchone()[0]
+    params = {"path": str(source), "run_id": run_id}
+    where = ""
+    if against == "table":
+        where = f"WHERE NOT EXISTS (SELECT 1 FROM {stream} AS t WHERE t.record_key = src.record_key)"
+    elif against == "removed" and removed_now:
+        where = ("WHERE NOT EXISTS (SELECT 1 FROM removed_records AS x "
+                 "WHERE x.stream = $stream AND x.record_key = src.record_key)")
+        params["stream"] = stream
     cols = _table_columns(stream)
     reader = f"read_json($path, format = 'newline_delimited', columns = {_read_spec(stream)})"
     sql = (f"INSERT INTO {stream} ({', '.join(c for c, _, _ in cols)}) "
-           f"SELECT {', '.join(e for _, _, e in cols)} FROM {reader} AS src "
-           f"WHERE NOT EXISTS (SELECT 1 FROM {stream} AS t WHERE t.record_key = src.record_key)")
-    count = con.execute(sql, {"path": str(source), "run_id": run_id}).fetchone()[0]
+           f"SELECT {', '.join(e for _, _, e in cols)} FROM {reader} AS src {where}")
+    count = con.execute(sql, params).fetchone()[0]
     # A record removed by an earlier run and now back: present again (first_seen_run kept).
-    if con.execute("SELECT count(*) FROM removed_records WHERE stream = ?", [stream]).fetchone()[0]:
+    if removed_now:
         con.execute(f"UPDATE record_removals SET readded_in_run = ? WHERE stream = ? AND readded_in_run IS NULL "
                     f"AND record_key IN (SELECT record_key FROM {_keys_reader(stream)})",
                     [run_id, stream, str(source)])
@@ -1041,12 +1089,13 @@ def _keys_reader(stream: str) -> str:
     return f"read_json(?, format = 'newline_delimited', columns = {_read_spec(stream, ('record_key',))})"
 
 
-def _mark_removed(con: duckdb.DuckDBPyConnection, stream: str, gone: Path, run_id: str) -> int:
-    """List the keys of `removed/<stream>.ndjson[.zst]` that the table holds and are not listed yet."""
+def _mark_removed(con: duckdb.DuckDBPyConnection, stream: str, gone: Path, run_id: str, against: str) -> int:
+    """List the keys of `removed/<stream>.ndjson[.zst]` that the table holds and are not listed yet
+    (after a chain, `_known_keys` 'removed', the table holds them all: no scan of its keys)."""
+    held = "" if against == "removed" else f"EXISTS (SELECT 1 FROM {stream} AS t WHERE t.record_key = g.record_key) AND "
     return con.execute(
         f"INSERT INTO record_removals SELECT DISTINCT g.record_key, ?, ?, NULL FROM {_keys_reader(stream)} AS g "
-        f"WHERE EXISTS (SELECT 1 FROM {stream} AS t WHERE t.record_key = g.record_key) "
-        f"AND NOT EXISTS (SELECT 1 FROM removed_records AS x WHERE x.stream = ? AND x.record_key = g.record_key)",
+        f"WHERE {held}NOT EXISTS (SELECT 1 FROM removed_records AS x WHERE x.stream = ? AND x.record_key = g.record_key)",
         [stream, run_id, str(gone), stream],
     ).fetchone()[0]
 
