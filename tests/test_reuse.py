@@ -225,6 +225,32 @@ def test_a_retired_run_still_exports_its_index_byte_for_byte(tmp_path: Path) -> 
     assert_same_ndjson(before, after)
 
 
+def test_every_file_of_a_real_export_reuses_and_equals_a_fresh_parse(tmp_path: Path) -> None:
+    """A generated export and its next one, staged as `run all` stages them: the unchanged
+    GPX, ECG and FHIR files are reused whole (route points linked, not copied), and the
+    NDJSON, route points included, is byte for byte a fresh parse's."""
+    from healthdelta import synth
+
+    first = synth.generate_export(tmp_path / "e1", seed=43, records=2000)
+    second = synth.generate_export(tmp_path / "e2", base=first, new_records=30)
+    (_, a), (_, b) = (pipeline.ingest_only(e.root, tmp_path / "staging") for e in (first, second))
+    reused, fresh = tmp_path / "reused", tmp_path / "fresh"
+    export.export_run(a, reused, run_id=RUN_A, parent_run_id=None, person_id=PERSON)
+    shutil.copytree(reused / RUN_A, fresh / RUN_A)
+    export.retire(fresh / RUN_A)
+    for out in (reused, fresh):
+        export.export_run(b, out, run_id=RUN_B, parent_run_id=RUN_A, person_id=PERSON)
+    assert_same_ndjson(reused / RUN_B, fresh / RUN_B)
+    layout = json.loads((b / "layout.json").read_text())
+    files = sum(len(layout.get(k, [])) for k in ("clinical_json", "ecg_csv", "workout_route_gpx"))
+    assert files >= 20
+    # export.xml and export_cda.xml grow with the new records; every other file is reused.
+    figures = reuse_figures(reused / RUN_B)
+    assert figures["reused_chunks"] >= files and reuse_figures(fresh / RUN_B)["reused_chunks"] == 0
+    points = sorted((reused / RUN_B / "local" / "route_points").iterdir())
+    assert points and all(p.samefile(reused / RUN_A / "local" / "route_points" / p.name) for p in points)
+
+
 # One edit of a random export: where, what, and how the file is cut.
 _edit = st.tuples(st.sampled_from(["insert", "delete", "change", "duplicate", "pointer"]),
                   st.sampled_from(TYPES), st.floats(0, 1))

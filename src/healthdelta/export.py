@@ -24,7 +24,7 @@ from healthdelta.delta import derive_index, write_stream
 from healthdelta.errors import UsageError
 from healthdelta.fsutil import TMP_PREFIX, WorkDir, atomic_write_json, fsync_dir
 from healthdelta.ndjson import STREAMS, SpillWriter, merge_stream
-from healthdelta.parse import ParseTask, iter_task, iter_xml_range, plan_tasks, source_file
+from healthdelta.parse import ParseTask, iter_file, iter_xml_range, plan_tasks, source_file
 from healthdelta.parse.healthkit import RangeSplitError
 from healthdelta.parse.xmlrepair import find_body_start
 from healthdelta.parse.report import ParseReport
@@ -141,7 +141,7 @@ def _link_unchanged_points(points_dir: Path, parent_points: Path) -> None:
     for path in sorted(points_dir.iterdir()):
         old = parent_points / path.name
         if old.is_file() and not old.is_symlink() and old.stat().st_size == path.stat().st_size \
-                and filecmp.cmp(old, path, shallow=False):
+                and not os.path.samefile(old, path) and filecmp.cmp(old, path, shallow=False):
             tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
             os.link(old, tmp)
             os.replace(tmp, path)
@@ -210,13 +210,14 @@ def _parse_task(index: int, task: ParseTask, run_dir: Path, spill_dir: Path, poi
     the (chunks, bytes) it reused."""
     report = ParseReport()
     writer = SpillWriter(spill_dir, run_id, person_id, prefix=f"t{index:04d}")
-    if not task.chunks:
-        writer.add_all(iter_task(run_dir, task, report, points_dir))
-        return writer.close(), report, {}, (0, 0)
     cache_out = reuse.ChunkWriter(cache_dir, f"t{index:04d}.zst")
+    cache = reuse.ChunkCache.open(parent_dir)
     try:
-        reused = _parse_chunks(task, run_dir, writer, report, reuse.ChunkCache.open(parent_dir), cache_out,
-                               run_id, person_id)
+        if task.kind == "export_xml":
+            reused = _parse_chunks(task, run_dir, writer, report, cache, cache_out, run_id, person_id)
+        else:
+            reused = _parse_files(task, run_dir, writer, report, cache, cache_out, run_id, person_id,
+                                  points_dir, parent_dir)
     finally:
         entries = cache_out.close()
     return writer.close(), report, entries, reused
@@ -234,13 +235,12 @@ def _parse_chunks(task: ParseTask, run_dir: Path, writer: SpillWriter, report: P
     chunks = list(task.chunks)
     reused = [0, 0]
     with open(path, "rb") as f:
-        first = find_body_start(f, size)
+        body = find_body_start(f, size)
         i = 0
         while i < len(chunks):
             start, end = chunks[i]
-            f.seek(start)
-            ident = reuse.chunk_identity(f.read(end - start), source_file=src, person_id=person_id,
-                                         opens=start <= first, closes=end >= size)
+            ident = reuse.chunk_identity(f, start, end, source_file=src, person_id=person_id, opens=start <= body,
+                                         closes=end >= size)
             hit = cache.get(ident, run_id) if cache is not None else None
             if hit is not None:
                 chunk_report, by_stream = hit.report, hit.lines
@@ -265,6 +265,49 @@ def _parse_chunks(task: ParseTask, run_dir: Path, writer: SpillWriter, report: P
                 writer.add_lines(stream, stream_lines)
             i += 1
     return reused[0], reused[1]
+
+
+def _parse_files(task: ParseTask, run_dir: Path, writer: SpillWriter, report: ParseReport,
+                 cache: reuse.ChunkCache | None, cache_out: reuse.ChunkWriter, run_id: str, person_id: str,
+                 points_dir: Path, parent_dir: Path | None) -> tuple[int, int]:
+    """Each file of a task of the other kinds: its rows from the parent's cache when the
+    file is byte for byte one the parent parsed (its route points linked from the
+    parent's), else parsed; either way recorded in this run's cache."""
+    reused = [0, 0]
+    for staged in task.paths:
+        ident = reuse.file_identity(task.kind, run_dir / staged, source_file=source_file(staged),
+                                    person_id=person_id)
+        hit = cache.get(ident, run_id) if cache is not None else None
+        if hit is not None and parent_dir is not None and _link_points(hit.points, parent_dir, points_dir):
+            file_report, by_stream = hit.report, hit.lines
+            cache_out.copy(ident, hit.frame, hit.entry.run_id)
+            reused[0] += 1
+            reused[1] += (run_dir / staged).stat().st_size
+        else:
+            file_report, by_stream = ParseReport(), {}
+            points = set()
+            for stream, row in iter_file(run_dir, task.kind, staged, file_report, points_dir):
+                if row.get("points_ref"):
+                    points.add(row["points_ref"].rsplit("/", 1)[1])
+                by_stream.setdefault(stream, []).append(writer.line(row))
+            cache_out.add(ident, file_report, by_stream, run_id, tuple(sorted(points)))
+        report.merge(file_report)
+        for stream, stream_lines in by_stream.items():
+            writer.add_lines(stream, stream_lines)
+    return reused[0], reused[1]
+
+
+def _link_points(names: tuple[str, ...], parent_dir: Path, points_dir: Path) -> bool:
+    """Hard-link the parent's route point files `names` into this run's points dir (they
+    are immutable); False, linking nothing, when one is missing."""
+    sources = [parent_dir / "local" / "route_points" / name for name in names]
+    if not all(p.is_file() for p in sources):
+        return False
+    for src in sources:
+        target = points_dir / src.name
+        if not target.exists():
+            os.link(src, target)
+    return True
 
 
 def _collect(results, tasks, spills, report, chunks, reused, progress, total) -> None:

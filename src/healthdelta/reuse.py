@@ -5,8 +5,10 @@ all earlier samples, so most of a re-export's chunks are known.
 
 A run's NDJSON dir keeps `chunks/`: one file of zstd frames per parse task and
 `index.json` (chunk identity -> file, offset, length, the run whose rows the frame
-holds). A frame is one JSON line (the chunk's parse report and its number of lines per
-stream), then its spill lines, stream by stream. The identity covers everything a chunk's rows
+holds). A frame is one JSON line (the chunk's parse report, its number of lines per
+stream, the route point files its rows refer to), then its spill lines, stream by stream.
+The other files of an export (CDA, FHIR, ECG, GPX) are reused the same way, one whole
+file per frame: most of them are byte for byte those of the previous export. The identity covers everything a chunk's rows
 depend on besides its bytes: the parser's code, the file name rows carry, the person
 id and whether the chunk opens or closes the file. Rows carry the `run_id` of the run
 that parsed them; a reused frame's lines get the new run's id (exactly one per line,
@@ -25,6 +27,7 @@ import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -40,8 +43,10 @@ _LEVEL = 1  # as the stream files: ~900 MB/s on one core
 # release, a patched parser) makes every cached chunk unknown. Their `.py` source is
 # hashed, also where the compiled build runs: it is built from that very file, gives the
 # same rows (tests/test_compiled.py), and is never used once the file changed (_fastpath).
-_ROW_MODULES = ("healthdelta.parse.healthkit", "healthdelta.parse.xmlrepair", "healthdelta.parse.timefmt",
-                "healthdelta.parse.report", "healthdelta.keys", "healthdelta.ndjson", "healthdelta.reuse")
+_ROW_MODULES = ("healthdelta.parse", "healthdelta.parse.healthkit", "healthdelta.parse.xmlrepair",
+                "healthdelta.parse.timefmt", "healthdelta.parse.report", "healthdelta.parse.cda",
+                "healthdelta.parse.fhir", "healthdelta.parse.ecg", "healthdelta.parse.gpx", "healthdelta.parse.xmlnames",
+                "healthdelta.keys", "healthdelta.ndjson", "healthdelta.reuse")
 
 
 @cache
@@ -50,19 +55,50 @@ def parser_version() -> bytes:
     for name in _ROW_MODULES:
         __import__(name)
         module_file = Path(sys.modules[name].__file__)
-        source = module_file.with_name(name.rpartition(".")[2] + ".py")
+        source = module_file if module_file.suffix == ".py" else module_file.with_name(name.rpartition(".")[2] + ".py")
         h.update((source if source.is_file() else module_file).read_bytes())
     return h.hexdigest().encode("ascii")
 
 
-def chunk_identity(data: bytes, *, source_file: str, person_id: str, opens: bool, closes: bool) -> str:
-    """Identity of one chunk's rows: its bytes with device pointers blanked (the parser
-    reads them so) and the context the rows depend on."""
-    h = hashlib.sha256(b"\0".join((parser_version(), source_file.encode("utf-8"), person_id.encode("utf-8"),
-                                   b"%d%d" % (opens, closes))))
-    h.update(b"\0")
-    h.update(blank_device_pointers(data))
+_BLOCK = 1 << 20
+
+
+def chunk_identity(f: BinaryIO, start: int, end: int, *, source_file: str, person_id: str, opens: bool,
+                   closes: bool) -> str:
+    """Identity of the rows of export.xml's bytes [start, end) (read from `f`): the bytes
+    with device pointers blanked (the parser reads them so) and the context the rows
+    depend on, including whether the chunk opens or closes the file."""
+    h = _hasher(b"export_xml", source_file, person_id, b"%d%d" % (opens, closes))
+    f.seek(start)
+    pending, pos = b"", start
+    while pos < end:
+        block = pending + f.read(min(_BLOCK, end - pos))
+        if len(block) == len(pending):
+            break
+        pos += len(block) - len(pending)
+        # A pointer never holds a `>`: blank whole `>`-delimited pieces only.
+        cut = block.rfind(b">") + 1 if pos < end else len(block)
+        h.update(blank_device_pointers(block[:cut]))
+        pending = block[cut:]
+    h.update(blank_device_pointers(pending))
     return h.hexdigest()
+
+
+def file_identity(kind: str, path: Path, *, source_file: str, person_id: str) -> str:
+    """Identity of the rows of one whole file of another kind (CDA, FHIR, ECG, GPX): its
+    bytes as they are (those parsers see every byte)."""
+    h = _hasher(kind.encode("ascii"), source_file, person_id, b"")
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hasher(kind: bytes, source_file: str, person_id: str, flags: bytes) -> Any:
+    h = hashlib.sha256(b"\0".join((parser_version(), kind, source_file.encode("utf-8"), person_id.encode("utf-8"),
+                                   flags)))
+    h.update(b"\0")
+    return h
 
 
 @dataclass(frozen=True)
@@ -79,6 +115,7 @@ class Hit:
     lines: dict[str, list[bytes]]  # stream -> spill lines, with the new run's id
     frame: bytes  # as stored, to be copied into the new run's cache
     entry: Entry
+    points: tuple[str, ...]  # route point files (`local/route_points/`) the rows refer to
 
 
 class ChunkCache:
@@ -119,6 +156,7 @@ class ChunkCache:
             doc = json.loads(head)
             report = _report_from(doc["report"])
             counts: dict[str, int] = doc["lines"]
+            points = tuple(doc.get("points", ()))
         except (ValueError, TypeError, AttributeError, KeyError):
             return None
         old = b'"run_id":"%s"' % entry.run_id.encode("ascii")
@@ -133,7 +171,7 @@ class ChunkCache:
         for stream, count in counts.items():
             lines[stream] = rows[at:at + count]
             at += count
-        return Hit(report, lines, frame, entry)
+        return Hit(report, lines, frame, entry, points)
 
 
 def _report_from(doc: dict) -> ParseReport:
@@ -154,8 +192,11 @@ class ChunkWriter:
         self._cctx = zstandard.ZstdCompressor(level=_LEVEL)
         self.entries: dict[str, Entry] = {}
 
-    def add(self, ident: str, report: ParseReport, lines: dict[str, list[bytes]], run_id: str) -> None:
+    def add(self, ident: str, report: ParseReport, lines: dict[str, list[bytes]], run_id: str,
+            points: tuple[str, ...] = ()) -> None:
         head = {"report": report.as_dict(), "lines": {s: len(v) for s, v in sorted(lines.items())}}
+        if points:
+            head["points"] = list(points)
         parts = [json.dumps(head, sort_keys=True).encode("utf-8"), b"\n"]
         for _, stream_lines in sorted(lines.items()):
             parts += stream_lines

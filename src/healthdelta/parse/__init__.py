@@ -71,21 +71,27 @@ def iter_task(run_dir: Path, task: ParseTask, report: ParseReport,
         yield from iter_xml_range(run_dir, task.paths[0], report, task.byte_range)
         return
     for staged in task.paths:
-        path, rel = run_dir / staged, source_file(staged)
-        if task.kind == "export_cda_xml":
-            from healthdelta.parse.cda import iter_cda
+        yield from iter_file(run_dir, task.kind, staged, report, points_dir)
 
-            yield from iter_cda(path, report, source_file=rel)
-        elif task.kind == "clinical_json":
-            from healthdelta.parse.fhir import iter_fhir
 
-            yield from iter_fhir(path, report, source_file=rel)
-        elif task.kind == "ecg_csv":
-            from healthdelta.parse.ecg import iter_ecg
+def iter_file(run_dir: Path, kind: str, staged: str, report: ParseReport,
+              points_dir: Path | None = None) -> Iterator[tuple[str, dict]]:
+    """Rows of one file of the other kinds (everything but export.xml)."""
+    path, rel = run_dir / staged, source_file(staged)
+    if kind == "export_cda_xml":
+        from healthdelta.parse.cda import iter_cda
 
-            yield from iter_ecg(path, report, source_file=rel)
-        elif task.kind == "workout_route_gpx":
-            yield from _iter_route(path, rel, report, points_dir)
+        yield from iter_cda(path, report, source_file=rel)
+    elif kind == "clinical_json":
+        from healthdelta.parse.fhir import iter_fhir
+
+        yield from iter_fhir(path, report, source_file=rel)
+    elif kind == "ecg_csv":
+        from healthdelta.parse.ecg import iter_ecg
+
+        yield from iter_ecg(path, report, source_file=rel)
+    elif kind == "workout_route_gpx":
+        yield from _iter_route(path, rel, report, points_dir)
 
 
 def iter_xml_range(run_dir: Path, staged: str, report: ParseReport,
