@@ -163,7 +163,7 @@ def test_several_tasks_and_any_chunking_give_the_same_streams(tmp_path: Path, mo
                 assert filecmp.cmp(outs[0] / rel, other / rel, shallow=False), rel
 
 
-@pytest.mark.parametrize("damage", ["index", "frame", "run_id", "missing"])
+@pytest.mark.parametrize("damage", ["index", "frame", "version", "missing"])
 def test_a_damaged_cache_means_parsing_again(tmp_path: Path, damage: str) -> None:
     rnd = random.Random(4)
     first = export_text(groups_of({t: 200 for t in TYPES}, rnd))
@@ -178,10 +178,10 @@ def test_a_damaged_cache_means_parsing_again(tmp_path: Path, damage: str) -> Non
         (cache / reuse.INDEX).write_text("{not json")
     elif damage == "frame":
         frames.write_bytes(frames.read_bytes()[: frames.stat().st_size // 2])
-    elif damage == "run_id":
-        # Frames that claim another run's id than their lines carry are not trusted.
+    elif damage == "version":
+        # An index of another format (an older release) is not read.
         doc = json.loads((cache / reuse.INDEX).read_text())
-        doc["chunks"] = {k: [*v[:3], "c" * 64] for k, v in doc["chunks"].items()}
+        doc["version"] = reuse.INDEX_VERSION - 1
         (cache / reuse.INDEX).write_text(json.dumps(doc))
     else:
         frames.unlink()
@@ -191,11 +191,32 @@ def test_a_damaged_cache_means_parsing_again(tmp_path: Path, damage: str) -> Non
     figures = reuse_figures(out / RUN_B)
     if damage == "frame":
         assert 0 < figures["reused_chunks"] < figures["chunks"]
-    elif damage == "run_id":
-        # Only the head chunk (<HealthData>, ExportDate, Me: no rows, no ids to check) is left.
-        assert figures["reused_chunks"] == 1
     else:
         assert figures["reused_chunks"] == 0
+
+
+def test_frames_hold_no_run_id_and_a_doubtful_line_count_is_a_miss(tmp_path: Path) -> None:
+    """A frame is the same bytes whichever run parsed its chunk; a frame whose lines do
+    not hold the run id field exactly once each is never reused (nor stored)."""
+    from healthdelta.parse.report import ParseReport
+
+    def line(run_id: str, extra: str = "") -> bytes:
+        return b'0000\tk\t-\t{"extra":{%s},"record_key":"k","run_id":"%s"}\n' % (extra.encode(), run_id.encode())
+
+    frames = {}
+    for run in (RUN_A, RUN_B):
+        cache_dir = tmp_path / run / reuse.CACHE_DIR
+        cache_dir.parent.mkdir()
+        writer = reuse.ChunkWriter(cache_dir, "t.zst")
+        writer.add("ok", ParseReport(), {"observations": [line(run), line(run)]}, run)
+        writer.add("twice", ParseReport(), {"observations": [line(run, f'"run_id":"{run}"')]}, run)
+        reuse.write_index(cache_dir, writer.close())
+        frames[run] = (cache_dir / "t.zst").read_bytes()
+    assert frames[RUN_A] == frames[RUN_B]
+    cache = reuse.ChunkCache.open(tmp_path / RUN_A)
+    assert set(cache.entries) == {"ok"}
+    hit = cache.get("ok", "c" * 64)
+    assert hit is not None and hit.lines == {"observations": [line("c" * 64)] * 2}
 
 
 def test_another_person_or_file_name_never_reuses(tmp_path: Path) -> None:

@@ -244,7 +244,7 @@ def _parse_chunks(task: ParseTask, run_dir: Path, writer: SpillWriter, report: P
             hit = cache.get(ident, run_id) if cache is not None else None
             if hit is not None:
                 chunk_report, by_stream = hit.report, hit.lines
-                cache_out.copy(ident, hit.frame, hit.entry.run_id)
+                cache_out.copy(ident, hit.frame)
                 reused[0] += 1
                 reused[1] += end - start
             else:
@@ -280,7 +280,7 @@ def _parse_files(task: ParseTask, run_dir: Path, writer: SpillWriter, report: Pa
         hit = cache.get(ident, run_id) if cache is not None else None
         if hit is not None and parent_dir is not None and _link_points(hit.points, parent_dir, points_dir):
             file_report, by_stream = hit.report, hit.lines
-            cache_out.copy(ident, hit.frame, hit.entry.run_id)
+            cache_out.copy(ident, hit.frame)
             reused[0] += 1
             reused[1] += (run_dir / staged).stat().st_size
         else:

@@ -8,11 +8,12 @@ A run's NDJSON dir keeps `chunks/`: one file of zstd frames per parse task and
 holds). A frame is one JSON line (the chunk's parse report, its number of lines per
 stream, the route point files its rows refer to), then its spill lines, stream by stream.
 The other files of an export (CDA, FHIR, ECG, GPX) are reused the same way, one whole
-file per frame: most of them are byte for byte those of the previous export. The identity covers everything a chunk's rows
-depend on besides its bytes: the parser's code, the file name rows carry, the person
-id and whether the chunk opens or closes the file. Rows carry the `run_id` of the run
-that parsed them; a reused frame's lines get the new run's id (exactly one per line,
-checked, else the chunk is parsed again).
+file per frame: most of them are byte for byte those of the previous export. The
+identity covers everything a chunk's rows depend on besides its bytes: the parser's code,
+the file name rows carry, the person id and whether the chunk opens or closes the file.
+Rows carry the `run_id` of their run: a frame holds a placeholder in its place (so a frame
+is the same bytes whichever run parsed the chunk), replaced by the reusing run's id
+(exactly once per line, checked, else the chunk is parsed again).
 
 The cache is an accelerator, never data: a missing or unreadable one only means
 parsing again, and a run's cache is dropped once a later run of its person is
@@ -37,7 +38,9 @@ from healthdelta.parse.report import ParseReport
 
 CACHE_DIR = "chunks"
 INDEX = "index.json"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+# What a frame's lines hold for their `run_id` (no run id looks so: they are 64 hex digits).
+_ANY_RUN = b'"run_id":"' + b"-" * 64 + b'"'
 _LEVEL = 1  # as the stream files: ~900 MB/s on one core
 # Modules whose code decides what a chunk's rows are: a change to any of them (a new
 # release, a patched parser) makes every cached chunk unknown. Their `.py` source is
@@ -106,7 +109,6 @@ class Entry:
     file: str
     offset: int
     length: int
-    run_id: str  # the run whose id the frame's lines carry
 
 
 @dataclass(frozen=True)
@@ -159,12 +161,10 @@ class ChunkCache:
             points = tuple(doc.get("points", ()))
         except (ValueError, TypeError, AttributeError, KeyError):
             return None
-        old = b'"run_id":"%s"' % entry.run_id.encode("ascii")
         n = sum(counts.values())
-        if body.count(b"\n") != n or body.count(old) != n:
+        if body.count(b"\n") != n or body.count(_ANY_RUN) != n:
             return None
-        if entry.run_id != run_id:
-            body = body.replace(old, b'"run_id":"%s"' % run_id.encode("ascii"))
+        body = body.replace(_ANY_RUN, _run_field(run_id))
         rows = body.splitlines(keepends=True)
         lines: dict[str, list[bytes]] = {}
         at = 0
@@ -172,6 +172,10 @@ class ChunkCache:
             lines[stream] = rows[at:at + count]
             at += count
         return Hit(report, lines, frame, entry, points)
+
+
+def _run_field(run_id: str) -> bytes:
+    return b'"run_id":"%s"' % run_id.encode("ascii")
 
 
 def _report_from(doc: dict) -> ParseReport:
@@ -194,16 +198,22 @@ class ChunkWriter:
 
     def add(self, ident: str, report: ParseReport, lines: dict[str, list[bytes]], run_id: str,
             points: tuple[str, ...] = ()) -> None:
+        """Record a parsed chunk; its lines carry `run_id`, stored as `_ANY_RUN`, so a frame
+        is the same bytes whichever run parsed it. (A row whose data held this run's
+        `"run_id":"..."` field once more is not cached: the count would not tell them apart.)"""
+        body = b"".join(line for _, stream_lines in sorted(lines.items()) for line in stream_lines)
+        ours = _run_field(run_id)
+        n = sum(map(len, lines.values()))
+        if body.count(ours) != n:
+            return
         head = {"report": report.as_dict(), "lines": {s: len(v) for s, v in sorted(lines.items())}}
         if points:
             head["points"] = list(points)
-        parts = [json.dumps(head, sort_keys=True).encode("utf-8"), b"\n"]
-        for _, stream_lines in sorted(lines.items()):
-            parts += stream_lines
-        self.copy(ident, self._cctx.compress(b"".join(parts)), run_id)
+        frame = json.dumps(head, sort_keys=True).encode("utf-8") + b"\n" + body.replace(ours, _ANY_RUN)
+        self.copy(ident, self._cctx.compress(frame))
 
-    def copy(self, ident: str, frame: bytes, run_id: str) -> None:
-        self.entries.setdefault(ident, Entry(self.name, self._f.tell(), len(frame), run_id))
+    def copy(self, ident: str, frame: bytes) -> None:
+        self.entries.setdefault(ident, Entry(self.name, self._f.tell(), len(frame)))
         self._f.write(frame)
 
     def close(self) -> dict[str, Entry]:
@@ -216,5 +226,5 @@ def write_index(cache_dir: Path, entries: dict[str, Entry]) -> None:
     cache_dir.mkdir(exist_ok=True)
     atomic_write_json(cache_dir / INDEX, {
         "version": INDEX_VERSION,
-        "chunks": {k: [e.file, e.offset, e.length, e.run_id] for k, e in sorted(entries.items())},
+        "chunks": {k: [e.file, e.offset, e.length] for k, e in sorted(entries.items())},
     })
