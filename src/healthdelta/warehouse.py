@@ -945,12 +945,10 @@ def _load_in_transaction(con: duckdb.DuckDBPyConnection, ndjson_dir: Path, run: 
                  delta: dict[str, Any], progress: ProgressFn) -> LoadResult:
     run_id = delta["run_id"]
     delta_parent = delta.get("parent_run_id")
-    # One thread: DuckDB's parallel insert writes each thread's partial row groups and
-    # rewrites them at the commit's checkpoint. Measured on 2 shared cores, one thread loads
-    # as fast or faster (-19% wall at 136 MB of export.xml, -1% to -7% at 1 GB) with 17-31%
-    # less CPU, a smaller file and rows in file order (docs/runbook_warehouse.md); queries
-    # on other connections keep their threads.
-    con.execute("SET threads = 1")
+    # Both cores write row groups. One thread uses 17-31% less CPU and leaves a smaller
+    # file, and is as fast on a loaded machine, but on an idle one a 1 GB export's first
+    # load took ~10 s longer (docs/runbook_warehouse.md): wall time is what people wait for.
+    con.execute("SET preserve_insertion_order = false")
     with _transaction(con, _load_error_message):
         _ensure_schema(con)
         parent_loaded = delta_parent is not None and _is_loaded(con, delta_parent)
