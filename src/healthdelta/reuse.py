@@ -116,7 +116,6 @@ class Hit:
     report: ParseReport
     lines: dict[str, list[bytes]]  # stream -> spill lines, with the new run's id
     frame: bytes  # as stored, to be copied into the new run's cache
-    entry: Entry
     points: tuple[str, ...]  # route point files (`local/route_points/`) the rows refer to
 
 
@@ -171,7 +170,7 @@ class ChunkCache:
         for stream, count in counts.items():
             lines[stream] = rows[at:at + count]
             at += count
-        return Hit(report, lines, frame, entry, points)
+        return Hit(report, lines, frame, points)
 
 
 def _run_field(run_id: str) -> bytes:
