@@ -80,7 +80,7 @@ def export_run(
     with WorkDir(ndjson_parent, run_id) as work:
         spill_dir = work.path / ".spill"
         points_dir = work.path / "local" / "route_points"
-        cache_dir = work.path / (reuse.CACHE_DIR if keep_chunks else ".chunks")
+        cache_dir = work.path / reuse.CACHE_DIR if keep_chunks else None
         spill_dir.mkdir()
         points_dir.mkdir(parents=True)
         report = ParseReport()
@@ -106,10 +106,8 @@ def export_run(
         for p in spill_dir.iterdir():
             p.unlink()
         spill_dir.rmdir()
-        if keep_chunks:
+        if cache_dir is not None:
             reuse.write_index(cache_dir, chunks)
-        elif cache_dir.exists():
-            shutil.rmtree(cache_dir)
         result = ExportResult(run_id, parent_run_id if parent_dir else None, counts, delta, report.as_dict())
         atomic_write_json(work.path / "delta.json", {
             "schema_version": SCHEMA_VERSION,
@@ -204,7 +202,7 @@ def plain_copy(ndjson_dir: Path, out: Path) -> ExportResult:
 
 
 def _parse_task(index: int, task: ParseTask, run_dir: Path, spill_dir: Path, points_dir: Path,
-                run_id: str, person_id: str, parent_dir: Path | None, cache_dir: Path):
+                run_id: str, person_id: str, parent_dir: Path | None, cache_dir: Path | None):
     """Worker body: parse one task into sorted spill runs (top level so it pickles).
     Returns the spill files, the parse report, the task's chunk cache entries and
     the (chunks, bytes) it reused."""

@@ -186,12 +186,15 @@ def _report_from(doc: dict) -> ParseReport:
 
 
 class ChunkWriter:
-    """One parse task's frames, appended to `<cache>/<name>`."""
+    """One parse task's frames, appended to `<cache>/<name>`; with no `cache_dir` (a run
+    that keeps no cache) it records nothing and compresses nothing."""
 
-    def __init__(self, cache_dir: Path, name: str) -> None:
-        cache_dir.mkdir(exist_ok=True)
+    def __init__(self, cache_dir: Path | None, name: str) -> None:
         self.name = name
-        self._f = open(cache_dir / name, "wb")
+        self._f = None
+        if cache_dir is not None:
+            cache_dir.mkdir(exist_ok=True)
+            self._f = open(cache_dir / name, "wb")
         self._cctx = zstandard.ZstdCompressor(level=_LEVEL)
         self.entries: dict[str, Entry] = {}
 
@@ -200,6 +203,8 @@ class ChunkWriter:
         """Record a parsed chunk; its lines carry `run_id`, stored as `_ANY_RUN`, so a frame
         is the same bytes whichever run parsed it. (A row whose data held this run's
         `"run_id":"..."` field once more is not cached: the count would not tell them apart.)"""
+        if self._f is None:
+            return
         body = b"".join(line for _, stream_lines in sorted(lines.items()) for line in stream_lines)
         ours = _run_field(run_id)
         n = sum(map(len, lines.values()))
@@ -212,11 +217,14 @@ class ChunkWriter:
         self.copy(ident, self._cctx.compress(frame))
 
     def copy(self, ident: str, frame: bytes) -> None:
+        if self._f is None:
+            return
         self.entries.setdefault(ident, Entry(self.name, self._f.tell(), len(frame)))
         self._f.write(frame)
 
     def close(self) -> dict[str, Entry]:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
         return self.entries
 
 
